@@ -1,0 +1,150 @@
+"""Paged attention in plain torch ops: the portable reference backend (and the CPU fallback).
+
+KV cache layout, per layer: k_cache and v_cache of shape [num_blocks, block_size, num_kv_heads, head_dim].
+A token at position p of a sequence lives in block block_table[p // block_size] at offset
+p % block_size, i.e. flat slot block_id * block_size + offset.
+
+Decodes (one query each) are batched: with a fused decode kernel (kernels/cpu_decode.py on CPU) they
+are read straight from the blocks; without one, their blocks are gathered into a padded [B, L, Hkv, D]
+view and attended with one masked SDPA. Prefill chunks are attended one sequence at a time (a handful per step);
+a chunk with no cached context attends to its own fresh k/v, otherwise to the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cluster.attention.metadata import AttentionMetadata
+
+
+class TorchAttentionBackend:
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        scale: float | None = None,
+        decode_kernel=None,
+    ) -> None:
+        self.num_layers = num_layers
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5 if scale is None else scale
+        # Optional fused op with the signature of kernels.cpu_decode.paged_decode_reference.
+        self.decode_kernel = decode_kernel
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.k_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @property
+    def bytes_per_block(self) -> int:
+        return 2 * self.num_layers * self.k_caches[0][0].numel() * self.k_caches[0].element_size()
+
+    def write_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Scatter the step's new K/V ([T, Hkv, D]) into their cache slots."""
+        self.k_caches[layer_idx].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slot_mapping, k)
+        self.v_caches[layer_idx].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slot_mapping, v)
+
+    def forward(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,  # [T, Hq, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, Hq, D]
+        self.write_kv(layer_idx, k, v, meta.slot_mapping)
+        out = torch.empty_like(q)
+        num_decodes = meta.num_decodes
+        if num_decodes:
+            out[:num_decodes] = self.decode(layer_idx, q[:num_decodes], meta)
+        starts = meta.query_start_loc_cpu
+        for i in range(num_decodes, meta.num_seqs):
+            begin, end = starts[i], starts[i + 1]
+            out[begin:end] = self.prefill_one(layer_idx, q[begin:end], k[begin:end], v[begin:end], meta, i)
+        return out
+
+    def decode(self, layer_idx: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """One query per sequence over its whole paged context: gather, mask the padding, SDPA."""
+        num_seqs = q.shape[0]
+        if self.decode_kernel is not None:
+            out = self.decode_kernel(q, self.k_caches[layer_idx], self.v_caches[layer_idx],
+                                     meta.block_tables[:num_seqs], meta.seq_lens[:num_seqs], self.scale)
+            return out.to(q.dtype)
+        block_tables = meta.block_tables[:num_seqs]
+        max_len = max(meta.seq_lens_cpu[:num_seqs])
+        num_blocks = (max_len + self.block_size - 1) // self.block_size
+        block_tables = block_tables[:, :num_blocks]
+        # [B, nb, bs, Hkv, D] -> [B, Hkv, L, D]
+        k = self.k_caches[layer_idx][block_tables].flatten(1, 2).transpose(1, 2)
+        v = self.v_caches[layer_idx][block_tables].flatten(1, 2).transpose(1, 2)
+        length = k.shape[2]
+        valid = torch.arange(length, device=q.device)[None, :] < meta.seq_lens[:num_seqs, None]  # [B, L]
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2),  # [B, Hq, 1, D]
+            k,
+            v,
+            attn_mask=valid[:, None, None, :],
+            scale=self.scale,
+            enable_gqa=True,
+        )
+        return out.squeeze(2)
+
+    def prefill_one(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,  # [n, Hq, D]
+        k: torch.Tensor,  # [n, Hkv, D]
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        seq_idx: int,
+    ) -> torch.Tensor:
+        num_new = q.shape[0]
+        context_len = meta.seq_lens_cpu[seq_idx]
+        num_cached = context_len - num_new
+        if num_cached == 0:
+            keys, values = k, v
+        else:
+            num_blocks = (context_len + self.block_size - 1) // self.block_size
+            blocks = meta.block_tables[seq_idx, :num_blocks]
+            keys = self.k_caches[layer_idx][blocks].flatten(0, 1)[:context_len]  # [ctx, Hkv, D]
+            values = self.v_caches[layer_idx][blocks].flatten(0, 1)[:context_len]
+        qh, kh, vh = q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1)  # [H, n|ctx, D]
+        if num_cached == 0:
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=True)
+        else:
+            # query j sits at position num_cached + j and sees keys 0..num_cached + j
+            rows = torch.arange(num_new, device=q.device)[:, None] + num_cached
+            mask = torch.arange(context_len, device=q.device)[None, :] <= rows
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return out.transpose(0, 1)
+
+
+def metadata_for_prefill(
+    prompt_lens: list[int], block_size: int, device: torch.device | str = "cpu"
+) -> AttentionMetadata:
+    """Metadata for a batch of fresh prompts laid out in consecutive blocks (tests and warm-up)."""
+    blocks_per_seq = [(n + block_size - 1) // block_size for n in prompt_lens]
+    max_blocks = max(blocks_per_seq)
+    block_tables = torch.zeros(len(prompt_lens), max_blocks, dtype=torch.int64)
+    slots = []
+    next_block = 0
+    for i, (n, nb) in enumerate(zip(prompt_lens, blocks_per_seq, strict=True)):
+        block_tables[i, :nb] = torch.arange(next_block, next_block + nb)
+        slots.append(torch.arange(n) + next_block * block_size)
+        next_block += nb
+    return AttentionMetadata.build(
+        num_decodes=0,
+        query_lens=list(prompt_lens),
+        seq_lens=list(prompt_lens),
+        block_tables=block_tables,
+        slot_mapping=torch.cat(slots),
+        device=device,
+    )

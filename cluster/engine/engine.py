@@ -1,0 +1,203 @@
+"""LLMEngine: the single-process engine every worker role drives (add_request / step / abort).
+
+A request's life here:
+1. `add_request` validates the prompt and sampling params (ValueError naming the field), tokenizes a
+   text prompt, and queues one `Request` per choice. With n > 1 only the first choice is queued at
+   first; the others follow once its prompt is computed, so they find the prompt's full blocks in the
+   prefix cache instead of recomputing them.
+2. `step` = schedule (which requests compute how many tokens, with chunked prefill and preemption)
+   → one forward pass and sampling (ModelRunner) → scheduler update (append tokens, stop on EOS,
+   stop ids, length) → incremental detokenization (text deltas, stop strings).
+3. Finished requests free their KV blocks into the prefix cache; `abort` does the same at any time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from cluster.attention.selector import create_attention_backend
+from cluster.config import EngineConfig
+from cluster.engine.detokenizer import IncrementalDetokenizer
+from cluster.engine.outputs import RequestOutput
+from cluster.engine.runner import ModelRunner
+from cluster.engine.sampler import Sampler
+from cluster.engine.scheduler import Scheduler
+from cluster.kv.manager import KVCacheManager
+from cluster.model.loader import load_model
+from cluster.model.tokenizer import Tokenizer
+from cluster.request import FinishReason, Request, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class LLMEngine:
+    def __init__(self, model_dir: str, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        self.device = torch.device(config.device)
+        self.dtype = _resolve_dtype(config.dtype, self.device)
+        self.tokenizer = Tokenizer.from_dir(model_dir)
+        self.model, self.arch = load_model(model_dir, self.dtype, self.device)
+        self.model.eval()
+        self.max_model_len = min(config.max_model_len or self.arch.max_position_embeddings,
+                                 self.arch.max_position_embeddings)
+        self.eos_token_ids = tuple(self.arch.eos_token_ids or self.tokenizer.eos_token_ids)
+
+        self.num_kv_blocks = config.num_kv_blocks or self._blocks_for_memory(config.kv_cache_memory_gib)
+        self.attn = create_attention_backend(
+            config.attention_backend,
+            num_layers=self.arch.num_layers,
+            num_blocks=self.num_kv_blocks,
+            block_size=config.block_size,
+            num_kv_heads=self.arch.num_kv_heads,
+            head_dim=self.arch.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.kv_manager = KVCacheManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.kv_manager, self.max_model_len)
+        self.sampler = Sampler(seed=config.seed)
+        self.runner = ModelRunner(self.model, self.attn, self.sampler, self.device)
+
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._parents: dict[str, tuple[str, int]] = {}  # internal id -> (caller's id, choice index)
+        self._pending_choices: dict[str, list[Request]] = {}  # first choice's id -> choices waiting for it
+        self._num_open: dict[str, int] = {}  # caller's id -> choices not finished yet
+
+    # ----------------------------------------------------------------------------------- requests
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        priority: int = 0,
+    ) -> list[int]:
+        """Queue a prompt; returns its token ids. Raises ValueError naming the bad field."""
+        params = params or SamplingParams()
+        if request_id in self._num_open:
+            raise ValueError(f"request_id {request_id!r} is already running")
+        prompt_ids = self._validate_prompt(prompt)
+        choices = []
+        for index in range(params.n):
+            choice_params = params
+            if params.n > 1:
+                seed = None if params.seed is None else params.seed + index
+                choice_params = dataclasses.replace(params, n=1, seed=seed)
+            internal_id = request_id if params.n == 1 else f"{request_id}#{index}"
+            choices.append(Request(internal_id, prompt_ids, choice_params, self.eos_token_ids, priority))
+            self._parents[internal_id] = (request_id, index)
+            self._detokenizers[internal_id] = IncrementalDetokenizer(
+                self.tokenizer.backend, prompt_ids, stop=choice_params.stop
+            )
+        self._num_open[request_id] = params.n
+        self.scheduler.add_request(choices[0])
+        if len(choices) > 1:
+            self._pending_choices[choices[0].request_id] = choices[1:]
+        return prompt_ids
+
+    def abort(self, request_id: str) -> None:
+        """Cancel every choice of a caller's request; its blocks go back to the pool."""
+        internal_ids = [i for i, (parent, _) in self._parents.items() if parent == request_id]
+        for internal_id in internal_ids:
+            self.scheduler.abort_request(internal_id)
+            self._forget(internal_id)
+        self._pending_choices.pop(internal_ids[0] if internal_ids else "", None)
+        self._num_open.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests() or bool(self._pending_choices)
+
+    # ----------------------------------------------------------------------------------- the step
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled.requests:
+            return []
+        result = self.runner.execute(scheduled)
+        updated = self.scheduler.update(scheduled, result.sampled_token_ids)
+        self._release_pending_choices(scheduled.requests)
+        return [self._make_output(request, result.logprobs.get(request.request_id)) for request in updated]
+
+    def _make_output(self, request: Request, logprobs) -> RequestOutput:
+        detok = self._detokenizers[request.request_id]
+        new_token = request.output_token_ids[-1]
+        text = detok.update([new_token])
+        if not request.is_finished and detok.stop_string_hit is not None:
+            self.scheduler.finish_request(request.request_id, FinishReason.STOP)
+        if request.is_finished and detok.stop_string_hit is None:
+            text += detok.finish()
+        parent, index = self._parents[request.request_id]
+        output = RequestOutput(
+            request_id=parent,
+            index=index,
+            new_token_ids=[new_token],
+            new_text=text,
+            new_logprobs=[logprobs] if logprobs is not None else None,
+            finished=request.is_finished,
+            finish_reason=request.finish_reason,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=request.num_cached_tokens,
+        )
+        if request.is_finished:
+            self._forget(request.request_id)
+            self._num_open[parent] -= 1
+            if self._num_open[parent] == 0:
+                del self._num_open[parent]
+        return output
+
+    def _release_pending_choices(self, scheduled: list[Request]) -> None:
+        for request in scheduled:
+            waiting = self._pending_choices.get(request.request_id)
+            if waiting and (request.num_computed_tokens >= request.num_prompt_tokens or request.is_finished):
+                del self._pending_choices[request.request_id]
+                for choice in waiting:
+                    self.scheduler.add_request(choice)
+
+    def _forget(self, internal_id: str) -> None:
+        self._detokenizers.pop(internal_id, None)
+        self._parents.pop(internal_id, None)
+        self.sampler.release(internal_id)
+
+    # ----------------------------------------------------------------------------------- helpers
+    def _validate_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            prompt_ids = self.tokenizer.encode(prompt)
+        else:
+            prompt_ids = list(prompt)
+            if not all(isinstance(t, int) and 0 <= t < self.arch.vocab_size for t in prompt_ids):
+                raise ValueError(f"prompt_token_ids must be integers in [0, {self.arch.vocab_size})")
+        if not prompt_ids:
+            raise ValueError("prompt must not be empty")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt is {len(prompt_ids)} tokens; the context is {self.max_model_len} "
+                "and at least one token must be generated"
+            )
+        if -(-len(prompt_ids) // self.config.block_size) > self.num_kv_blocks:
+            raise ValueError(f"prompt is {len(prompt_ids)} tokens, more than the whole KV cache holds")
+        return prompt_ids
+
+    def _blocks_for_memory(self, gib: float) -> int:
+        element_size = torch.empty((), dtype=self.dtype).element_size()
+        per_block = 2 * self.arch.num_layers * self.config.block_size * self.arch.num_kv_heads
+        per_block *= self.arch.head_dim * element_size
+        return max(1, int(gib * 2**30) // per_block)
+
+    @property
+    def num_free_kv_blocks(self) -> int:
+        return self.kv_manager.num_free_blocks
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # bf16 matmuls on CPUs without AVX-512 BF16 are several times slower than fp32.
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return _DTYPES[name]

@@ -92,12 +92,13 @@ class LLMEngine:
                 choice_params = dataclasses.replace(params, n=1, seed=seed)
             internal_id = request_id if params.n == 1 else f"{request_id}#{index}"
             choices.append(Request(internal_id, prompt_ids, choice_params, self.eos_token_ids, priority))
-            self._parents[internal_id] = (request_id, index)
-            self._detokenizers[internal_id] = IncrementalDetokenizer(
-                self.tokenizer.backend, prompt_ids, stop=choice_params.stop
+        self.scheduler.add_request(choices[0])  # raises before we record anything if it can never run
+        for index, choice in enumerate(choices):
+            self._parents[choice.request_id] = (request_id, index)
+            self._detokenizers[choice.request_id] = IncrementalDetokenizer(
+                self.tokenizer.backend, prompt_ids, stop=choice.sampling_params.stop
             )
         self._num_open[request_id] = params.n
-        self.scheduler.add_request(choices[0])
         if len(choices) > 1:
             self._pending_choices[choices[0].request_id] = choices[1:]
         return prompt_ids

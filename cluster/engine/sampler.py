@@ -4,7 +4,7 @@ Order: penalties on the raw logits (repetition, frequency, presence), min_tokens
 take the argmax while the rest are divided by their temperature, filtered by top-k, top-p and min-p and
 sampled. Sampling is the exponential race: argmax(probs / E) with E ~ Exp(1) i.i.d. per vocab entry picks
 token i with probability probs[i], needs no normalisation and no per-row Python. Seeded requests draw their
-row of E from their own generator, so their tokens do not depend on what else is in the batch.
+row of noise from their own generator, so their tokens do not depend on what else is in the batch.
 
 Logprobs are those of the model's raw logits (log_softmax before penalties and temperature), which is
 vLLM's default ("raw_logprobs"); they describe the model, not the sampling distribution.
@@ -20,8 +20,8 @@ import torch
 from cluster.request import Request, SamplingParams
 
 _NEG_INF = float("-inf")
-# exponential_ may return exactly 0; p / 0 would be inf (or nan for masked p == 0, which argmax prefers)
-_MIN_NOISE = 1e-10
+# top-p first looks for the nucleus among this many top tokens; a full sort only for rows where it is wider
+_TOP_P_PROBE = 1024
 
 
 @dataclass
@@ -70,42 +70,42 @@ class Sampler:
 
     def _sample(self, x: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         params = [r.sampling_params for r in requests]
-        num_rows = x.shape[0]
         greedy = [i for i, p in enumerate(params) if p.temperature == 0.0]
         rand = [i for i, p in enumerate(params) if p.temperature != 0.0]
         temps = torch.tensor([params[i].temperature for i in rand], dtype=x.dtype, device=x.device)
         if greedy:
-            out = torch.empty(num_rows, dtype=torch.long, device=x.device)
-            out[_idx(greedy, x)] = x[_idx(greedy, x)].argmax(dim=-1)
             xr = x[_idx(rand, x)].div_(temps.unsqueeze(1))  # indexing copies, so in-place is safe
         else:
-            out = None
             xr = x / temps.unsqueeze(1)  # out of place: x may be the caller's logits
         rparams = [params[i] for i in rand]
-        apply_top_k_top_p(xr, rparams)
+        apply_top_k(xr, rparams)
+        apply_top_p(xr, rparams)
         apply_min_p(xr, rparams)
         probs = xr.softmax(dim=-1)
-        probs.div_(self._noise(probs, [requests[i] for i in rand]))
-        sampled = probs.argmax(dim=-1)
-        if out is None:
+        # With E = -log(U) ~ Exp(1): argmax(p / E) == argmin(p / log U). U in [0, 1) makes log U < 0 (or -inf),
+        # so there is no division by zero and masked tokens (p == 0) score -0.0, never below a live one.
+        sampled = probs.div_(self._log_uniform(probs, [requests[i] for i in rand])).argmin(dim=-1)
+        if not greedy:
             return sampled
+        out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+        out[_idx(greedy, x)] = x[_idx(greedy, x)].argmax(dim=-1)
         out[_idx(rand, x)] = sampled
         return out
 
-    def _noise(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """Exp(1) noise shaped like `probs`: one shared draw for unseeded rows, one row per seeded request."""
-        q = torch.empty_like(probs)
+    def _log_uniform(self, like: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """log U(0, 1) shaped like `like`: one shared draw for unseeded rows, one row per seeded request."""
+        u = torch.empty_like(like)
         unseeded = [j for j, r in enumerate(requests) if r.sampling_params.seed is None]
         if len(unseeded) == len(requests):
-            q.exponential_(generator=self._shared_generator(probs.device))
+            u.uniform_(generator=self._shared_generator(like.device))
         else:
             if unseeded:
-                draw = torch.empty((len(unseeded), probs.shape[1]), dtype=probs.dtype, device=probs.device)
-                q[_idx(unseeded, probs)] = draw.exponential_(generator=self._shared_generator(probs.device))
+                draw = torch.empty((len(unseeded), like.shape[1]), dtype=like.dtype, device=like.device)
+                u[_idx(unseeded, like)] = draw.uniform_(generator=self._shared_generator(like.device))
             for j, r in enumerate(requests):
                 if r.sampling_params.seed is not None:
-                    q[j].exponential_(generator=self._request_generator(r, probs.device))
-        return q.clamp_min_(_MIN_NOISE)
+                    u[j].uniform_(generator=self._request_generator(r, like.device))
+        return u.log_()
 
     def _shared_generator(self, device: torch.device) -> torch.Generator:
         gen = self._shared.get(device)
@@ -131,49 +131,52 @@ def _idx(rows: list[int], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long, device=like.device)
 
 
-def _padded(token_lists: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
-    """[n, max_len] token ids padded with `pad` (= V, an extra scatter column that is then dropped)."""
+def _padded(token_lists: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, max_len] token ids and their validity mask.
+
+    Rows are padded with their own first token (0 if empty), so an idempotent scatter_ of a value computed
+    from the gathered logit writes the same value twice instead of touching a foreign token.
+    """
     width = max((len(t) for t in token_lists), default=0)
-    rows = [t + [pad] * (width - len(t)) for t in token_lists]
-    return torch.tensor(rows, dtype=torch.long, device=device).reshape(len(token_lists), width)
+    rows = [t + [t[0] if t else 0] * (width - len(t)) for t in token_lists]
+    ids = torch.tensor(rows, dtype=torch.long, device=device).reshape(len(token_lists), width)
+    lengths = torch.tensor([len(t) for t in token_lists], dtype=torch.long, device=device)
+    valid = torch.arange(width, device=device).unsqueeze(0) < lengths.unsqueeze(1)
+    return ids, valid
 
 
 def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-    """vLLM's penalties on the raw logits; returns `logits` itself when no row has one.
+    """vLLM's penalties on the raw logits; returns `logits` itself when no row has one, else a new tensor.
 
     repetition: tokens seen in prompt or output have positive logits divided by, negative ones multiplied
     by, the penalty. frequency: minus penalty * count in the output. presence: minus penalty if in the output.
+    Work is O(tokens seen), not O(vocab): gather the affected logits, change them, scatter them back.
     """
     params = [r.sampling_params for r in requests]
     rows = [i for i, p in enumerate(params) if _has_penalty(p)]
     if not rows:
         return logits
-    num_rows, vocab = logits.shape
     device = logits.device
-    idx = _idx(rows, logits)
-    sub = logits[idx]
+    sub = logits[_idx(rows, logits)]  # a copy, changed in place below
     rep = [params[i].repetition_penalty for i in rows]
     if any(r != 1.0 for r in rep):
-        all_ids = _padded([requests[i].all_token_ids for i in rows], vocab, device)
-        seen = torch.zeros((len(rows), vocab + 1), dtype=torch.bool, device=device)
-        seen.scatter_(1, all_ids, True)
-        rep_t = torch.tensor(rep, dtype=sub.dtype, device=device).unsqueeze(1)
-        factor = torch.where(seen[:, :vocab], rep_t, 1.0)
-        sub = torch.where(sub > 0, sub / factor, sub * factor)
+        ids, valid = _padded([requests[i].all_token_ids for i in rows], device)
+        # an empty row has no real entry to pad from: a factor of 1 makes its write to token 0 a no-op
+        factor = torch.where(valid[:, :1], torch.tensor(rep, dtype=sub.dtype, device=device).unsqueeze(1), 1.0)
+        seen = sub.gather(1, ids)
+        sub.scatter_(1, ids, torch.where(seen > 0, seen / factor, seen * factor))
     freq = [params[i].frequency_penalty for i in rows]
     pres = [params[i].presence_penalty for i in rows]
     if any(freq) or any(pres):
-        out_ids = _padded([requests[i].output_token_ids for i in rows], vocab, device)
-        counts = torch.zeros((len(rows), vocab + 1), dtype=sub.dtype, device=device)
-        counts.scatter_add_(1, out_ids, torch.ones_like(out_ids, dtype=sub.dtype))
-        counts = counts[:, :vocab]
+        ids, valid = _padded([requests[i].output_token_ids for i in rows], device)
+        pres_t = torch.where(valid[:, :1], torch.tensor(pres, dtype=sub.dtype, device=device).unsqueeze(1), 0.0)
+        sub.scatter_(1, ids, sub.gather(1, ids) - pres_t)  # once per distinct token, whatever its count
         freq_t = torch.tensor(freq, dtype=sub.dtype, device=device).unsqueeze(1)
-        pres_t = torch.tensor(pres, dtype=sub.dtype, device=device).unsqueeze(1)
-        sub = sub - freq_t * counts - pres_t * (counts > 0).to(sub.dtype)
-    if len(rows) == num_rows:
+        sub.scatter_add_(1, ids, torch.where(valid, -freq_t, 0.0))  # once per occurrence
+    if len(rows) == logits.shape[0]:
         return sub
     out = logits.clone()
-    out[idx] = sub
+    out[_idx(rows, logits)] = sub
     return out
 
 
@@ -205,35 +208,55 @@ def apply_min_tokens(x: torch.Tensor, requests: list[Request], inplace: bool = F
     return x
 
 
-def apply_top_k_top_p(x: torch.Tensor, params: list[SamplingParams]) -> None:
-    """In place: keep the top_k largest logits, then the smallest head whose probability mass >= top_p.
-
-    Ties at the k-th value are all kept. Only rows that use either filter pay for it; a full sort happens
-    only when some row uses top-p, otherwise topk(max k) is enough to find each row's threshold.
-    """
+def apply_top_k(x: torch.Tensor, params: list[SamplingParams]) -> None:
+    """In place: keep each row's top_k largest logits (ties with the k-th are kept too)."""
     vocab = x.shape[1]
-    rows = [i for i, p in enumerate(params) if 0 < p.top_k < vocab or p.top_p < 1.0]
+    rows = [i for i, p in enumerate(params) if 0 < p.top_k < vocab]
     if not rows:
         return
     sub = x if len(rows) == x.shape[0] else x[_idx(rows, x)]
-    ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in (params[i] for i in rows)]
+    ks = [params[i].top_k for i in rows]
     k_t = torch.tensor(ks, dtype=torch.long, device=x.device).unsqueeze(1)
-    if all(params[i].top_p >= 1.0 for i in rows):
-        kth = sub.topk(max(ks), dim=-1).values.gather(1, k_t - 1)
-        sub.masked_fill_(sub < kth, _NEG_INF)
-    else:
-        # 2.0 disables top-p for a row: the exclusive cumsum never reaches it despite rounding
-        ps = [params[i].top_p if params[i].top_p < 1.0 else 2.0 for i in rows]
-        p_t = torch.tensor(ps, dtype=sub.dtype, device=x.device).unsqueeze(1)
-        sorted_x, order = sub.sort(dim=-1, descending=True)
-        drop = sorted_x < sorted_x.gather(1, k_t - 1)
-        probs = sorted_x.masked_fill(drop, _NEG_INF).softmax(dim=-1)
-        # descending order makes the mass before each token accurate where the cut usually falls
-        mass_before = probs.cumsum(dim=-1).sub_(probs)
-        drop |= mass_before >= p_t  # the top token has mass_before == 0 < top_p, so it always survives
-        sub.masked_fill_(torch.empty_like(drop).scatter_(1, order, drop), _NEG_INF)
+    kth = sub.topk(max(ks), dim=-1).values.gather(1, k_t - 1)  # topk(max k), not a sort
+    sub.masked_fill_(sub < kth, _NEG_INF)
     if sub is not x:
         x[_idx(rows, x)] = sub
+
+
+def apply_top_p(x: torch.Tensor, params: list[SamplingParams]) -> None:
+    """In place: keep the smallest head of each row whose probability mass reaches top_p.
+
+    The top token always survives; tokens tied with the last kept one are kept too. The nucleus is searched
+    in the top _TOP_P_PROBE tokens first, since a full-vocab sort costs ~15x more; only rows whose nucleus
+    is wider than that are sorted.
+    """
+    vocab = x.shape[1]
+    rows = [i for i, p in enumerate(params) if p.top_p < 1.0]
+    if not rows:
+        return
+    sub = x if len(rows) == x.shape[0] else x[_idx(rows, x)]
+    p_t = torch.tensor([params[i].top_p for i in rows], dtype=x.dtype, device=x.device).unsqueeze(1)
+    lse = sub.logsumexp(dim=-1, keepdim=True)
+    probe = min(vocab, _TOP_P_PROBE)
+    threshold, found = _nucleus_threshold(sub, lse, p_t, probe)
+    if probe < vocab and not bool(found.all()):
+        wide = (~found).nonzero().squeeze(1)
+        threshold[wide] = _nucleus_threshold(sub[wide], lse[wide], p_t[wide], vocab)[0]
+    sub.masked_fill_(sub < threshold, _NEG_INF)
+    if sub is not x:
+        x[_idx(rows, x)] = sub
+
+
+def _nucleus_threshold(
+    x: torch.Tensor, lse: torch.Tensor, p: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest logit kept by top-p when searching the top k tokens, and whether the nucleus fits in k."""
+    vals = x.topk(k, dim=-1).values  # sorted, descending
+    probs = (vals - lse).exp_()
+    cum = probs.cumsum(dim=-1)
+    # descending order keeps the mass before each token accurate where the cut usually falls
+    num_kept = ((cum - probs) < p).sum(dim=-1, keepdim=True)  # the mass before the top token is 0 < p
+    return vals.gather(1, num_kept - 1), cum[:, -1] >= p.squeeze(1)
 
 
 def apply_min_p(x: torch.Tensor, params: list[SamplingParams]) -> None:
@@ -255,22 +278,27 @@ def apply_min_p(x: torch.Tensor, params: list[SamplingParams]) -> None:
 def _logprobs(
     logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]
 ) -> list[TokenLogprobs | None]:
-    """Raw-logit logprobs of the chosen tokens (and top-N) for the rows that asked; only they pay."""
+    """Raw-logit logprobs of the chosen tokens (and top-N) for the rows that asked; only they pay.
+
+    logprob = logit - logsumexp(row), so no [rows, V] log_softmax is materialised; rank and top-N are
+    order statistics and read the logits directly.
+    """
     result: list[TokenLogprobs | None] = [None] * len(params)
     rows = [i for i, p in enumerate(params) if p.logprobs is not None]
     if not rows:
         return result
     idx = _idx(rows, logits)
-    lp = torch.log_softmax(logits[idx].float(), dim=-1)
+    raw = (logits if len(rows) == len(params) else logits[idx]).float()
+    lse = raw.logsumexp(dim=-1, keepdim=True)
     chosen = token_ids[idx].unsqueeze(1)
-    chosen_lp = lp.gather(1, chosen)
-    ranks = ((lp > chosen_lp).sum(dim=-1) + 1).tolist()
+    chosen_logit = raw.gather(1, chosen)
+    ranks = ((raw > chosen_logit).sum(dim=-1) + 1).tolist()
+    chosen_lp = (chosen_logit - lse).squeeze(1).tolist()
     top_n = max(params[i].logprobs or 0 for i in rows)
-    top_vals, top_ids = lp.topk(top_n, dim=-1) if top_n else (lp[:, :0], lp[:, :0].long())
-    top_vals_l, top_ids_l = top_vals.tolist(), top_ids.tolist()
-    chosen_l, chosen_lp_l = chosen.squeeze(1).tolist(), chosen_lp.squeeze(1).tolist()
-    for j, i in enumerate(rows):
+    top_vals, top_ids = raw.topk(top_n, dim=-1) if top_n else (raw[:, :0], chosen[:, :0])
+    top_lp, top_ids_l = (top_vals - lse).tolist(), top_ids.tolist()
+    for j, (i, tok) in enumerate(zip(rows, chosen.squeeze(1).tolist(), strict=True)):
         n = params[i].logprobs or 0
-        top = list(zip(top_ids_l[j][:n], top_vals_l[j][:n], strict=True))
-        result[i] = TokenLogprobs(token_id=chosen_l[j], logprob=chosen_lp_l[j], rank=ranks[j], top=top)
+        top = list(zip(top_ids_l[j][:n], top_lp[j][:n], strict=True))
+        result[i] = TokenLogprobs(token_id=tok, logprob=chosen_lp[j], rank=ranks[j], top=top)
     return result

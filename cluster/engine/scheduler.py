@@ -54,6 +54,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}  # every unfinished request, by id
+        self.num_preemptions = 0  # since start: a sign the KV pool is too small for the load
 
     # ---- queue management ----
 
@@ -95,6 +96,7 @@ class Scheduler:
     # ---- one step ----
 
     def schedule(self) -> SchedulerOutput:
+        """Pick this step's requests and token counts, allocating their KV blocks (preempting if needed)."""
         output = SchedulerOutput()
         budget = self._schedule_running(output, self.config.max_num_batched_tokens)
         # After a preemption the pool is under pressure: admitting new work would only thrash it.
@@ -175,6 +177,7 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
+        self.num_preemptions += 1
         self._enqueue_waiting(request, at_front=True)
 
     def _finish(self, request: Request, reason: FinishReason) -> None:

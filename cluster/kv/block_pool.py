@@ -59,7 +59,7 @@ class BlockPool:
             raise ValueError(f"asked for {num_blocks} blocks, only {self.num_free_blocks} free")
         blocks = []
         for _ in range(num_blocks):
-            _, block = self._free_queue.popitem(last=True)
+            _, block = self._free_queue.popitem(last=False)
             self._evict(block)
             block.ref_cnt = 1
             blocks.append(block)

@@ -83,17 +83,16 @@ class KVCacheManager:
         Returns the newly allocated blocks (possibly empty: the last block had room), or None when the
         pool can't supply them, in which case nothing changed.
         """
-        blocks = self._req_blocks.setdefault(request.request_id, [])
+        blocks = self._req_blocks.get(request.request_id, [])
         num_computed_tokens = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
         num_total_tokens = num_computed_tokens + num_new_tokens
         num_new_blocks = cdiv(num_total_tokens, self.block_size) - len(blocks) - len(new_computed_blocks)
         # A hit on a free cached block pulls it out of the free queue, so it competes with new blocks.
         num_hits_on_free = sum(1 for b in new_computed_blocks if b.is_free)
         if num_new_blocks > self.block_pool.num_free_blocks - num_hits_on_free:
-            if not blocks:
-                del self._req_blocks[request.request_id]
             return None
 
+        self._req_blocks[request.request_id] = blocks
         self.block_pool.touch(new_computed_blocks)
         blocks.extend(new_computed_blocks)
         new_blocks = self.block_pool.get_new_blocks(num_new_blocks) if num_new_blocks > 0 else []

@@ -310,7 +310,8 @@ def test_waiting_requests_never_preempt_running_ones_nor_overtake_each_other() -
     h.add("c", prompt(200, 3), max_tokens=2)  # would fit, but FCFS does not let it pass b
     out = h.step()
     assert out.requests == [a] and not out.preempted and h.sched.num_waiting == 2
-    h.run()
+    admitted = [r.request_id for o in h.run() for r in o.requests if r.request_id != "a"]
+    assert admitted.index("b") < admitted.index("c")
     h.check_no_leaks()
 
 

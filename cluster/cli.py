@@ -1,0 +1,146 @@
+"""`pdserve` command line: make-model, generate, up.
+
+    pdserve make-model --preset tiny models/tiny
+    pdserve generate --model models/tiny --input prompts.jsonl --output results.jsonl
+    pdserve up            # embedded defaults: makes the tiny model if missing and serves it
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+_DEFAULT_MODEL_DIR = Path("models/tiny")
+_DEMO_PROMPTS = [
+    "The quick brown fox",
+    "Once upon a time, in a land far away,",
+    "Disaggregated serving splits prefill and decode because",
+    "def fibonacci(n):",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    make = commands.add_parser("make-model", help="write a random-weight HF checkpoint with a trained tokenizer")
+    make.add_argument("out_dir", type=Path)
+    make.add_argument("--preset", default="tiny")
+    make.add_argument("--seed", type=int, default=0)
+
+    gen = commands.add_parser("generate", help="offline generation over a JSONL file of prompts")
+    _add_engine_args(gen)
+    gen.add_argument("--input", type=Path, help='JSONL, one {"prompt": ...} (or "prompt_token_ids") a line')
+    gen.add_argument("--output", type=Path, help="JSONL results (default: print)")
+    _add_sampling_args(gen)
+
+    up = commands.add_parser("up", help="bring pdserve up on embedded defaults")
+    _add_engine_args(up, model_required=False)
+    _add_sampling_args(up)
+
+    args = parser.parse_args(argv)
+    if args.command == "make-model":
+        return _make_model(args)
+    if args.command == "generate":
+        return _generate(args)
+    if args.command == "up":
+        return _up(args)
+    return 2
+
+
+def _add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
+    p.add_argument("--model", type=Path, required=model_required, default=None if model_required else _DEFAULT_MODEL_DIR)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--kv-cache-memory-gib", type=float, default=2.0)
+    p.add_argument("--attention-backend", default="auto")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _make_model(args: argparse.Namespace) -> int:
+    from cluster.model.presets import make_model
+
+    make_model(args.preset, args.out_dir, seed=args.seed)
+    print(f"wrote {args.preset} checkpoint to {args.out_dir}")
+    return 0
+
+
+def _build_llm(args: argparse.Namespace):
+    from cluster import LLM
+
+    return LLM(
+        str(args.model),
+        dtype=args.dtype,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_memory_gib=args.kv_cache_memory_gib,
+        attention_backend=args.attention_backend,
+    )
+
+
+def _sampling(args: argparse.Namespace):
+    from cluster import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    prompts = _read_prompts(args.input) if args.input else list(_DEMO_PROMPTS)
+    llm = _build_llm(args)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, _sampling(args), use_tqdm=True)
+    elapsed = time.perf_counter() - start
+    num_tokens = sum(len(o.token_ids) for o in outputs)
+    lines = [
+        json.dumps({"prompt": p if isinstance(p, str) else None, "text": o.text, "token_ids": o.token_ids,
+                    "finish_reason": o.finish_reason.value if o.finish_reason else None})
+        for p, o in zip(prompts, outputs, strict=True)
+    ]
+    if args.output:
+        args.output.write_text("\n".join(lines) + "\n")
+    else:
+        print("\n".join(lines))
+    print(f"{len(outputs)} prompts, {num_tokens} tokens in {elapsed:.2f}s ({num_tokens / elapsed:.1f} tok/s)",
+          file=sys.stderr)
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    """Until the router lands, `up` makes the tiny model if needed and runs the offline demo on it."""
+    if not (args.model / "config.json").exists():
+        from cluster.model.presets import make_model
+
+        print(f"making the tiny model in {args.model} ...", file=sys.stderr)
+        make_model("tiny", args.model)
+    args.input = None
+    args.output = None
+    return _generate(args)
+
+
+def _read_prompts(path: Path) -> list:
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if "prompt" in record:
+            prompts.append(record["prompt"])
+        elif "prompt_token_ids" in record:
+            prompts.append(record["prompt_token_ids"])
+        else:
+            raise ValueError(f"{path}:{number}: each line needs a 'prompt' or 'prompt_token_ids' field")
+    return prompts
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,7 +6,11 @@ The cluster-level `ClusterConfig` (router, pools, autoscaler) will wrap this; th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _BACKENDS = ("auto", "torch", "cpu", "triton")
@@ -51,3 +55,36 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+
+
+@dataclass
+class ClusterConfig:
+    """The whole cluster's configuration file. For now: which model and how its engine runs."""
+
+    model: str = "models/tiny"  # HF-format model directory; `pdserve up` makes the tiny preset here if missing
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.engine, dict):
+            self.engine = _from_dict(EngineConfig, self.engine, "engine")
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model must be a non-empty path, got {self.model!r}")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ClusterConfig:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the top level must be a mapping")
+        return _from_dict(cls, data, "")
+
+
+def _from_dict(cls, data: dict[str, Any], prefix: str):
+    """Build a config dataclass, naming the field in every error (`engine.block_size: ...`)."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{prefix + '.' if prefix else ''}{unknown[0]}: unknown field")
+    try:
+        return cls(**data)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{prefix + ': ' if prefix else ''}{exc}") from exc

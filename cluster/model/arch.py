@@ -154,7 +154,7 @@ def _parse_rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     if not isinstance(params, dict):
         raise ValueError(f"rope_scaling/rope_parameters must be a mapping, got {params!r}")
     # transformers 5 keeps theta inside rope_parameters; it wins over a top-level one, as in transformers
-    theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    theta = float(params.get("rope_theta") or config.get("rope_theta") or 10000.0)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         return theta, None

@@ -33,6 +33,11 @@ def _copy_checked(target: torch.Tensor, source: torch.Tensor) -> None:
     target.copy_(source)  # also casts the checkpoint dtype to ours
 
 
+def _check_full(loaded: torch.Tensor, expected: tuple[int, ...]) -> None:
+    if tuple(loaded.shape) != expected:
+        raise ValueError(f"shape mismatch: checkpoint {tuple(loaded.shape)} vs expected {expected}")
+
+
 def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
@@ -55,6 +60,7 @@ class ColumnParallelLinear(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
         size = param.shape[0]
+        _check_full(loaded_weight, (size * self.tp.size, *param.shape[1:]))
         _copy_checked(param.data, loaded_weight.narrow(0, self.tp.rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,8 +82,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
         if not isinstance(shard_id, int) or not 0 <= shard_id < len(self.output_sizes):
             raise ValueError(f"shard_id must be an output index < {len(self.output_sizes)}, got {shard_id!r}")
-        if loaded_weight.shape[0] != self.output_sizes[shard_id]:
-            raise ValueError(f"shard {shard_id} has {loaded_weight.shape[0]} rows, expected {self.output_sizes[shard_id]}")
+        _check_full(loaded_weight, (self.output_sizes[shard_id], *param.shape[1:]))
         offset = sum(self.output_sizes[:shard_id]) // self.tp.size
         size = self.output_sizes[shard_id] // self.tp.size
         _copy_checked(param.data.narrow(0, offset, size), loaded_weight.narrow(0, self.tp.rank * size, size))
@@ -122,8 +127,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             size, start, heads = self.kv_size, self.kv_rank * self.kv_size, self.num_kv_heads
         else:
             raise ValueError(f"shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
-        if loaded_weight.shape[0] != heads * self.head_dim:
-            raise ValueError(f"{shard_id} has {loaded_weight.shape[0]} rows, expected {heads * self.head_dim}")
+        _check_full(loaded_weight, (heads * self.head_dim, *param.shape[1:]))
         _copy_checked(param.data.narrow(0, offset, size), loaded_weight.narrow(0, start, size))
 
 
@@ -151,6 +155,7 @@ class RowParallelLinear(nn.Module):
             _copy_checked(param.data, loaded_weight)
             return
         size = param.shape[1]
+        _check_full(loaded_weight, (param.shape[0], size * self.tp.size))
         _copy_checked(param.data, loaded_weight.narrow(1, self.tp.rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -132,7 +132,8 @@ def random_weights(preset: Preset, seed: int) -> dict[str, torch.Tensor]:
     p = preset
     gen = torch.Generator().manual_seed(seed)
     head_dim = p.head_dim or p.hidden_size // p.num_heads
-    H, I, q_size, kv_size = p.hidden_size, p.intermediate_size, p.num_heads * head_dim, p.num_kv_heads * head_dim
+    H, inter = p.hidden_size, p.intermediate_size
+    q_size, kv_size = p.num_heads * head_dim, p.num_kv_heads * head_dim
 
     def normal(*shape: int, std: float) -> torch.Tensor:
         return torch.randn(*shape, generator=gen) * std
@@ -157,9 +158,9 @@ def random_weights(preset: Preset, seed: int) -> dict[str, torch.Tensor]:
             weights[f"{prefix}.self_attn.k_norm.weight"] = norm_weight(head_dim)
         weights[f"{prefix}.self_attn.o_proj.weight"] = normal(H, q_size, std=q_size**-0.5)
         weights[f"{prefix}.post_attention_layernorm.weight"] = norm_weight(H)
-        weights[f"{prefix}.mlp.gate_proj.weight"] = normal(I, H, std=H**-0.5)
-        weights[f"{prefix}.mlp.up_proj.weight"] = normal(I, H, std=H**-0.5)
-        weights[f"{prefix}.mlp.down_proj.weight"] = normal(H, I, std=I**-0.5)
+        weights[f"{prefix}.mlp.gate_proj.weight"] = normal(inter, H, std=H**-0.5)
+        weights[f"{prefix}.mlp.up_proj.weight"] = normal(inter, H, std=H**-0.5)
+        weights[f"{prefix}.mlp.down_proj.weight"] = normal(H, inter, std=inter**-0.5)
     weights["model.norm.weight"] = norm_weight(H)
     if not p.tie_word_embeddings:
         weights["lm_head.weight"] = normal(p.vocab_size, H, std=logit_std / math.sqrt(H))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cluster.engine.sampler import Sampler, apply_penalties
+from cluster.engine.sampler import Sampler, apply_penalties, apply_top_p
 from cluster.request import Request, SamplingParams
 
 # a known distribution; each test's filters keep a subset of it
@@ -101,6 +101,29 @@ def test_filters_per_row_in_mixed_batch():
     assert len(set(by_kind[1].tolist())) >= 6  # the unfiltered row still reaches the tail
 
 
+def test_top_p_keeps_smallest_nucleus_at_every_width():
+    """Narrow nuclei are found by the cheap probes, wide ones by the full sort; all match a float64 reference."""
+    vocab = 20000
+    g = torch.Generator().manual_seed(5)
+    scales = [12.0, 6.0, 3.0, 2.0, 1.0, 0.0]  # from a few tokens to nearly the whole vocab
+    logits = torch.stack([torch.randn(vocab, generator=g) * s for s in scales])
+    plist = [SamplingParams(top_p=p) for p in (0.9, 0.5, 0.95, 0.8, 0.9, 0.3)]
+    x = logits.clone()
+    apply_top_p(x, plist)
+    sizes = []
+    for row, p in enumerate(plist):
+        probs = torch.softmax(logits[row].double(), dim=-1)
+        sorted_probs, order = probs.sort(descending=True)
+        n_keep = int((sorted_probs.cumsum(0) < p.top_p).sum()) + 1  # smallest prefix with mass >= top_p
+        expected = set(order[:n_keep].tolist())
+        if scales[row] == 0.0:
+            expected = set(range(vocab))  # all tied: ties with the last kept token are kept
+        kept = set(torch.isfinite(x[row]).nonzero().squeeze(1).tolist())
+        assert kept == expected, (row, len(kept), len(expected))
+        sizes.append(len(kept))
+    assert min(sizes) < 256 and any(256 < n <= 8192 for n in sizes) and max(sizes) > 8192  # every path ran
+
+
 def _steps(num_steps: int, vocab: int, seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(vocab, generator=g) * 2 for _ in range(num_steps)]
@@ -183,11 +206,13 @@ def test_penalties_match_hand_computation():
 
 def test_penalties_only_touch_their_rows():
     torch.manual_seed(2)
-    logits = torch.randn(3, 10)
+    logits = torch.randn(4, 10)
     reqs = [_req("a", SamplingParams(), output=[1, 2]),
             _req("b", SamplingParams(presence_penalty=1.0), output=[4, 4, 7]),
-            _req("c", SamplingParams(repetition_penalty=1.5), prompt=[9], output=[])]
+            _req("c", SamplingParams(repetition_penalty=1.5), prompt=[9], output=[]),
+            _req("d", SamplingParams(presence_penalty=1.0, frequency_penalty=1.0), prompt=[0], output=[])]
     got = apply_penalties(logits, reqs)
+    assert torch.equal(got[3], logits[3])  # nothing generated yet: no frequency/presence effect
     assert torch.equal(got[0], logits[0])
     exp_b = logits[1].clone()
     exp_b[[4, 7]] -= 1.0
@@ -195,7 +220,32 @@ def test_penalties_only_touch_their_rows():
     exp_c = logits[2].clone()
     exp_c[9] = exp_c[9] / 1.5 if exp_c[9] > 0 else exp_c[9] * 1.5
     assert torch.allclose(got[2], exp_c)
-    assert apply_penalties(logits, [reqs[0]] * 3) is logits  # no penalty anywhere: no work, no copy
+    assert apply_penalties(logits, [reqs[0]] * 4) is logits  # no penalty anywhere: no work, no copy
+
+
+def test_penalties_match_dense_reference():
+    """Random prompts/outputs with repeats, ragged lengths and empty outputs against a dense computation."""
+    g = torch.Generator().manual_seed(6)
+    vocab, rows = 50, 8
+    logits = torch.randn(rows, vocab, generator=g) * 3
+    reqs = []
+    for i in range(rows):
+        prompt = torch.randint(0, vocab, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+        output = torch.randint(0, 10, (i * 3,), generator=g).tolist()  # small id range: many repeats
+        p = SamplingParams(repetition_penalty=[1.0, 1.3, 0.7][i % 3], frequency_penalty=[0.0, 0.4, -0.3][i % 3],
+                           presence_penalty=[0.6, 0.0, -1.0][i % 3])
+        reqs.append(_req(f"d{i}", p, prompt=prompt, output=output))
+    got = apply_penalties(logits, reqs)
+    for i, r in enumerate(reqs):
+        sp = r.sampling_params
+        row = logits[i].clone()
+        seen = torch.zeros(vocab, dtype=torch.bool)
+        seen[r.all_token_ids] = True
+        row = torch.where(seen & (row > 0), row / sp.repetition_penalty, row)
+        row = torch.where(seen & (row <= 0), row * sp.repetition_penalty, row)
+        counts = torch.bincount(torch.tensor(r.output_token_ids, dtype=torch.long), minlength=vocab).float()
+        row = row - sp.frequency_penalty * counts - sp.presence_penalty * (counts > 0).float()
+        assert torch.allclose(got[i], row, atol=1e-6), i
 
 
 def test_penalty_changes_greedy_choice():

@@ -190,12 +190,14 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _write_tokenizer(preset: Preset, out_dir: Path) -> None:
-    tokenizer = train_tokenizer(preset.vocab_size, add_bos=preset.add_bos)
+    style = "qwen2" if preset.model_type in ("qwen2", "qwen3") else "llama3"
+    tokenizer = train_tokenizer(preset.vocab_size, style)
     tokenizer.save(str(out_dir / "tokenizer.json"))
     special = {
         "bos_token": BOS if preset.add_bos else None,
         "eos_token": EOS if preset.add_bos else IM_END,
         "pad_token": PAD,
+        "unk_token": None,  # byte-level BPE has no unknowns; left out, transformers invents <|endoftext|>
     }
     added = {
         str(tokenizer.token_to_id(t)): {

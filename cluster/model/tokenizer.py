@@ -1,9 +1,11 @@
 """The serving tokenizer: an HF `tokenizer.json` through the `tokenizers` library, with no transformers.
 
-It reproduces what transformers' fast tokenizer does with the same directory: BOS/EOS insertion (an
-explicit `add_bos_token`/`add_eos_token` in tokenizer_config.json replaces the post-processor, as in
-transformers 5), decoding, and chat templates rendered by a sandboxed jinja2 environment with the same
-globals and filters. transformers 5 never applies `clean_up_tokenization_spaces` to BPE tokenizers, and
+It reproduces what transformers' fast tokenizer does with the same directory: special tokens from
+tokenizer.json's post-processor, decoding, and chat templates rendered by a sandboxed jinja2
+environment with the same globals and filters. One deliberate difference: `add_bos_token: true` in
+tokenizer_config.json adds a BOS the post-processor lacks (as transformers 4's Llama tokenizer did;
+transformers 5 ignores the flag once a tokenizer.json exists). `add_eos_token` is ignored, as in
+transformers 5. transformers 5 never applies `clean_up_tokenization_spaces` to BPE tokenizers, and
 every family served here is BPE, so neither does this.
 """
 
@@ -19,7 +21,6 @@ import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import processors
 
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -31,6 +32,7 @@ class Tokenizer:
         special_tokens: dict[str, str],
         eos_token_ids: list[int],
         chat_template: str | None = None,
+        add_bos_token: bool = False,
     ):
         self.backend = backend  # the tokenizers.Tokenizer; the incremental detokenizer works on it directly
         self.special_tokens = special_tokens  # bos_token, eos_token, ... as strings (chat-template variables)
@@ -38,6 +40,9 @@ class Tokenizer:
         self.chat_template = chat_template
         bos = special_tokens.get("bos_token")
         self.bos_token_id: int | None = backend.token_to_id(bos) if bos is not None else None
+        # Prepend BOS ourselves only where the flag asks for it and the post-processor doesn't add it
+        probe = backend.encode("a", add_special_tokens=True).ids
+        self._prepend_bos = add_bos_token and self.bos_token_id is not None and probe[:1] != [self.bos_token_id]
 
     @property
     def vocab_size(self) -> int:
@@ -58,14 +63,19 @@ class Tokenizer:
             token = _token_str(config.get(key)) or _token_str(special_map.get(key))
             if token is not None:
                 special_tokens[key] = token
-        if "add_bos_token" in config or "add_eos_token" in config:
-            backend.post_processor = _template_processor(
-                backend, special_tokens, bool(config.get("add_bos_token")), bool(config.get("add_eos_token"))
-            )
-        return cls(backend, special_tokens, _eos_token_ids(path, backend, special_tokens), _chat_template(path, config))
+        return cls(
+            backend,
+            special_tokens,
+            _eos_token_ids(path, backend, special_tokens),
+            _chat_template(path, config),
+            add_bos_token=bool(config.get("add_bos_token", False)),
+        )
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self._prepend_bos:
+            ids.insert(0, self.bos_token_id)
+        return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -97,18 +107,6 @@ def _token_str(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value if isinstance(value, str) else None
-
-
-def _template_processor(
-    backend: HFTokenizer, special: dict[str, str], add_bos: bool, add_eos: bool
-) -> processors.TemplateProcessing:
-    """What transformers' update_post_processor builds: [BOS] $A [EOS] per the add_* flags."""
-    bos, eos = special.get("bos_token"), special.get("eos_token")
-    add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
-    single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
-    pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
-    tokens = [(t, backend.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
-    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=tokens)
 
 
 def _eos_token_ids(path: Path, backend: HFTokenizer, special: dict[str, str]) -> list[int]:

@@ -1,8 +1,9 @@
 """A byte-level BPE tokenizer trained in a second on a built-in corpus, for `make_model` checkpoints.
 
-Byte-level BPE as Llama 3 / Qwen use it: the Llama 3 split regex, a 256-symbol byte alphabet (so any
-text, emoji included, round-trips), merges learned from the corpus, and special tokens at the front of
-the vocabulary. The corpus is a fixed English text plus pseudo-words from a seeded generator, so the
+Byte-level BPE as Llama 3 and Qwen use it: their split regex (Qwen also NFC-normalises; transformers 5
+rebuilds Qwen tokenizers that way whatever tokenizer.json says, so we must match), a 256-symbol byte
+alphabet (any text, emoji included, round-trips), merges learned from the corpus, and special tokens at
+the front of the vocabulary. The corpus is a fixed English text plus pseudo-words from a seeded generator, so the
 vocabulary fills to any preset size and the result is identical on every run.
 """
 
@@ -10,15 +11,17 @@ from __future__ import annotations
 
 import random
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 BOS, EOS, IM_START, IM_END, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>", "<|pad|>"
 SPECIAL_TOKENS = [BOS, EOS, IM_START, IM_END, PAD]
 
-# Llama 3's pre-tokenizer split: contractions, letter runs, 1-3 digit groups, punctuation, whitespace
-_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+# Pre-tokenizer splits: contractions, letter runs, digits (Llama 3 groups up to 3, Qwen splits each),
+# punctuation runs, whitespace
+_SPLITS = {
+    "llama3": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
 
 _TEXT = """\
 The quick brown fox jumps over the lazy dog. A serving engine turns prompts into tokens, runs the model
@@ -63,11 +66,18 @@ def training_corpus(num_lines: int = 4000, seed: int = 0) -> list[str]:
     return lines
 
 
-def train_tokenizer(vocab_size: int, add_bos: bool, seed: int = 0) -> Tokenizer:
-    """A byte-level BPE with exactly `vocab_size` ids (special tokens included)."""
+def train_tokenizer(vocab_size: int, style: str = "llama3", seed: int = 0) -> Tokenizer:
+    """A byte-level BPE with exactly `vocab_size` ids (special tokens included).
+
+    style "llama3" adds BOS in its post-processor; "qwen2" adds nothing and NFC-normalises.
+    """
+    if style not in _SPLITS:
+        raise ValueError(f"style must be one of {tuple(_SPLITS)}, got {style!r}")
     tokenizer = Tokenizer(models.BPE())
+    if style == "qwen2":
+        tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_SPLIT), behavior="isolated"),
+        pre_tokenizers.Split(Regex(_SPLITS[style]), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tokenizer.decoder = decoders.ByteLevel()
@@ -80,7 +90,7 @@ def train_tokenizer(vocab_size: int, add_bos: bool, seed: int = 0) -> Tokenizer:
     tokenizer.train_from_iterator(training_corpus(num_lines=max(2000, vocab_size), seed=seed), trainer)
     if tokenizer.get_vocab_size() != vocab_size:
         raise RuntimeError(f"BPE training gave {tokenizer.get_vocab_size()} tokens, wanted {vocab_size}")
-    if add_bos:
+    if style == "llama3":
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tokenizer.token_to_id(BOS))]
         )

@@ -151,6 +151,11 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight  # same sharding, so one parameter serves both
 
+    @property
+    def num_kv_heads_per_rank(self) -> int:
+        """KV heads this rank caches: what its attention backend is sized for."""
+        return self.model.layers[0].self_attn.num_kv_heads
+
     def forward(
         self,
         input_ids: torch.Tensor,  # [T] int64

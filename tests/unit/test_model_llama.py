@@ -24,9 +24,9 @@ def hf_logits(model_dir, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def backend_for(model, num_blocks: int = 32) -> TorchAttentionBackend:
-    attn = model.model.layers[0].self_attn
+    cfg = model.config
     return TorchAttentionBackend(
-        len(model.model.layers), num_blocks, BLOCK_SIZE, attn.num_kv_heads, attn.head_dim, torch.float32
+        cfg.num_layers, num_blocks, BLOCK_SIZE, model.num_kv_heads_per_rank, cfg.head_dim, torch.float32
     )
 
 

@@ -16,8 +16,10 @@ LENS = [13, 29]
 
 def prefill_logits(model_dir, tp: TPGroup) -> torch.Tensor:
     model, cfg = load_model(model_dir, torch.float32, "cpu", tp)
-    attn = model.model.layers[0].self_attn
-    backend = TorchAttentionBackend(cfg.num_layers, 8, 16, attn.num_kv_heads, attn.head_dim, torch.float32)
+    assert model.lm_head.weight.shape[0] == -(-cfg.vocab_size // tp.size)  # really sharded
+    num_kv_heads = model.num_kv_heads_per_rank
+    assert num_kv_heads == max(1, cfg.num_kv_heads // tp.size)
+    backend = TorchAttentionBackend(cfg.num_layers, 8, 16, num_kv_heads, cfg.head_dim, torch.float32)
     ids = torch.randint(0, cfg.vocab_size, (sum(LENS),), generator=torch.Generator().manual_seed(0))
     positions = torch.cat([torch.arange(n) for n in LENS])
     with torch.no_grad():

@@ -6,14 +6,23 @@ tmp_path before editing its config or weights).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from cluster.model.presets import make_model
 
 MakeModelDir = Callable[..., Path]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads() -> None:
+    """One intra-op thread unless PDSERVE_TEST_THREADS says otherwise: test shapes are tiny, and on a
+    shared, loaded machine every multi-threaded op waits on a busy core (measured 40x slower here)."""
+    torch.set_num_threads(int(os.environ.get("PDSERVE_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")

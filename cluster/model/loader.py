@@ -63,7 +63,7 @@ def iter_checkpoint(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of the checkpoint, read lazily one by one."""
     for path in checkpoint_files(model_dir):
         with safe_open(path, framework="pt", device="cpu") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+            for name in f.keys():
                 yield name, f.get_tensor(name)
 
 
@@ -99,7 +99,7 @@ def load_weights(model: LlamaForCausalLM, weights: Iterator[tuple[str, torch.Ten
     missing = sorted(expected - loaded)
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise ValueError(f"checkpoint is missing weight {missing[0]!r}{more}: " + ", ".join(missing[:5]))
+        raise ValueError(f"checkpoint is missing weight(s) {', '.join(map(repr, missing[:5]))}{more}")
 
 
 def _expected_hf_names(model: LlamaForCausalLM) -> set[str]:

@@ -160,7 +160,7 @@ def test_missing_weight_is_named(tiny_model_dir, tmp_path):
     ckpt = load_file(model_dir / "model.safetensors")
     del ckpt["model.layers.2.self_attn.k_proj.weight"]
     save_file(ckpt, model_dir / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"missing weight 'model\.layers\.2\.self_attn\.k_proj\.weight'"):
+    with pytest.raises(ValueError, match=r"missing weight\(s\) 'model\.layers\.2\.self_attn\.k_proj\.weight'"):
         load_model(model_dir, torch.float32)
 
 

@@ -5,7 +5,7 @@ The model never touches the cache layout. Each attention layer calls
 slots and attends over every cached token of each sequence.
 """
 
-from cluster.attention.metadata import AttentionMetadata
 from cluster.attention.base import AttentionBackend
+from cluster.attention.metadata import AttentionMetadata
 
 __all__ = ["AttentionBackend", "AttentionMetadata"]

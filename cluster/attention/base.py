@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -14,6 +15,9 @@ class AttentionBackend(Protocol):
 
     block_size: int
     num_blocks: int
+    k_caches: list[torch.Tensor]  # per layer [num_blocks, block_size, num_kv_heads, head_dim]
+    v_caches: list[torch.Tensor]
+    layer_listener: Callable[[int], None] | None  # called once layer i's new K/V are written
 
     def forward(
         self,

@@ -12,6 +12,8 @@ a chunk with no cached context attends to its own fresh k/v, otherwise to the ca
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -39,6 +41,8 @@ class TorchAttentionBackend:
         self.scale = head_dim**-0.5 if scale is None else scale
         # Optional fused op with the signature of kernels.cpu_decode.paged_decode_reference.
         self.decode_kernel = decode_kernel
+        # Called with the layer index once a layer's new K/V are in the cache (KV transfer hooks here).
+        self.layer_listener: Callable[[int], None] | None = None
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.k_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -61,6 +65,8 @@ class TorchAttentionBackend:
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, Hq, D]
         self.write_kv(layer_idx, k, v, meta.slot_mapping)
+        if self.layer_listener is not None:
+            self.layer_listener(layer_idx)
         out = torch.empty_like(q)
         num_decodes = meta.num_decodes
         if num_decodes:

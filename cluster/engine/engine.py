@@ -22,10 +22,11 @@ import torch
 from cluster.attention.selector import create_attention_backend
 from cluster.config import EngineConfig
 from cluster.engine.detokenizer import IncrementalDetokenizer
+from cluster.engine.kv_transfer import KVTransferCoordinator
 from cluster.engine.outputs import RequestOutput
 from cluster.engine.runner import ModelRunner
 from cluster.engine.sampler import Sampler
-from cluster.engine.scheduler import Scheduler
+from cluster.engine.scheduler import RemoteKVReservation, Scheduler
 from cluster.kv.manager import KVCacheManager
 from cluster.model.loader import load_model
 from cluster.model.tokenizer import Tokenizer
@@ -65,6 +66,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.kv_manager, self.max_model_len)
         self.sampler = Sampler(seed=config.seed)
         self.runner = ModelRunner(self.model, self.attn, self.sampler, self.device)
+        self.transfers = KVTransferCoordinator(self.attn)
 
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._parents: dict[str, tuple[str, int]] = {}  # internal id -> (caller's id, choice index)
@@ -78,11 +80,21 @@ class LLMEngine:
         prompt: str | Sequence[int],
         params: SamplingParams | None = None,
         priority: int = 0,
+        kv_sender=None,
+        first_block_index: int = 0,
     ) -> list[int]:
-        """Queue a prompt; returns its token ids. Raises ValueError naming the bad field."""
+        """Queue a prompt; returns its token ids. Raises ValueError naming the bad field.
+
+        With `kv_sender` this is the prefill side of a disaggregated request: only the first token is
+        sampled here, and the prompt's KV from block `first_block_index` on goes to the sender.
+        """
         params = params or SamplingParams()
         if request_id in self._num_open:
             raise ValueError(f"request_id {request_id!r} is already running")
+        if kv_sender is not None:
+            if params.n != 1:
+                raise ValueError("n must be 1 for a disaggregated request (each choice is its own request)")
+            params = dataclasses.replace(params, max_tokens=1, min_tokens=0)
         prompt_ids = self._validate_prompt(prompt)
         choices = []
         for index in range(params.n):
@@ -93,21 +105,52 @@ class LLMEngine:
             internal_id = request_id if params.n == 1 else f"{request_id}#{index}"
             choices.append(Request(internal_id, prompt_ids, choice_params, self.eos_token_ids, priority))
         self.scheduler.add_request(choices[0])  # raises before we record anything if it can never run
+        if kv_sender is not None:
+            self.transfers.add_sender(request_id, kv_sender, first_block_index)
+        self._register(request_id, choices)
+        if len(choices) > 1:
+            self._pending_choices[choices[0].request_id] = choices[1:]
+        return prompt_ids
+
+    def add_remote_kv_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        priority: int = 0,
+    ) -> RemoteKVReservation | None:
+        """Decode side of a disaggregated request: reserve blocks for the prompt's KV, which a prefill
+        worker will send (`attach_kv_receiver`). None when the blocks don't fit right now."""
+        if request_id in self._num_open:
+            raise ValueError(f"request_id {request_id!r} is already running")
+        if params.n != 1:
+            raise ValueError("n must be 1 for a disaggregated request (each choice is its own request)")
+        prompt_ids = self._validate_prompt(prompt_token_ids)
+        request = Request(request_id, prompt_ids, params, self.eos_token_ids, priority)
+        reservation = self.scheduler.reserve_for_remote_kv(request)
+        if reservation is not None:
+            self._register(request_id, [request])
+        return reservation
+
+    def attach_kv_receiver(self, request_id: str, receiver) -> None:
+        self.transfers.add_receiver(request_id, receiver)
+
+    def _register(self, request_id: str, choices: list[Request]) -> None:
+        prompt_ids = choices[0].prompt_token_ids
         for index, choice in enumerate(choices):
             self._parents[choice.request_id] = (request_id, index)
             self._detokenizers[choice.request_id] = IncrementalDetokenizer(
                 self.tokenizer.backend, prompt_ids, stop=choice.sampling_params.stop
             )
-        self._num_open[request_id] = params.n
-        if len(choices) > 1:
-            self._pending_choices[choices[0].request_id] = choices[1:]
-        return prompt_ids
+        self._num_open[request_id] = len(choices)
 
     def abort(self, request_id: str) -> None:
         """Cancel every choice of a caller's request; its blocks go back to the pool."""
         internal_ids = [i for i, (parent, _) in self._parents.items() if parent == request_id]
         for internal_id in internal_ids:
             self.scheduler.abort_request(internal_id)
+            self.transfers.abort_sender(internal_id)
+            self.transfers.abort_receiver(internal_id)
             self._forget(internal_id)
         self._pending_choices.pop(internal_ids[0] if internal_ids else "", None)
         self._num_open.pop(request_id, None)
@@ -115,15 +158,34 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or bool(self._pending_choices)
 
+    @property
+    def num_kv_transfer_fallbacks(self) -> int:
+        return self.transfers.num_fallbacks
+
     # ----------------------------------------------------------------------------------- the step
     def step(self) -> list[RequestOutput]:
+        outputs = self._admit_transferred()
         scheduled = self.scheduler.schedule()
         if not scheduled.requests:
-            return []
+            return outputs
+        self.transfers.begin_step(scheduled)
         result = self.runner.execute(scheduled)
+        self.transfers.end_step(result.sampled_token_ids)
         updated = self.scheduler.update(scheduled, result.sampled_token_ids)
         self._release_pending_choices(scheduled.requests)
-        return [self._make_output(request, result.logprobs.get(request.request_id)) for request in updated]
+        outputs += [self._make_output(request, result.logprobs.get(request.request_id)) for request in updated]
+        return outputs
+
+    def _admit_transferred(self) -> list[RequestOutput]:
+        """Decode side: requests whose KV arrived start decoding; failed transfers prefill here."""
+        if not self.transfers.has_pending:
+            return []
+        arrived, failed = self.transfers.poll_receivers()
+        for request_id in failed:
+            logger.warning("KV transfer for %s failed; computing its prefill locally", request_id)
+            self.scheduler.fall_back_to_local_prefill(request_id)
+        # The first token came from the prefill worker; emitting it keeps every token's stream in order.
+        return [self._make_output(self.scheduler.complete_remote_kv(rid, token), None) for rid, token in arrived]
 
     def _make_output(self, request: Request, logprobs) -> RequestOutput:
         detok = self._detokenizers[request.request_id]

@@ -39,6 +39,15 @@ class SchedulerOutput:
         self.block_ids.append(block_ids)
 
 
+@dataclass
+class RemoteKVReservation:
+    """Where a transfer must land: the request's blocks from `first_block_index` on (the ones before
+    it were prefix-cache hits on this worker and are not sent)."""
+
+    first_block_index: int
+    block_ids: list[int]
+
+
 def _priority_key(request: Request) -> tuple[int, float]:
     return request.priority, request.arrival_time
 
@@ -55,6 +64,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}  # every unfinished request, by id
         self.num_preemptions = 0  # since start: a sign the KV pool is too small for the load
+        self.waiting_for_kv: dict[str, Request] = {}  # decode side: blocks reserved, KV arriving remotely
 
     # ---- queue management ----
 
@@ -88,10 +98,56 @@ class Scheduler:
             return None
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
+        elif request.status == RequestStatus.WAITING_FOR_KV:
+            del self.waiting_for_kv[request_id]
         else:
             self.waiting.remove(request)
         self._finish(request, reason)
         return request
+
+    # ---- the decode side of a disaggregated request ----
+
+    def reserve_for_remote_kv(self, request: Request) -> RemoteKVReservation | None:
+        """Hold blocks for a prompt whose KV a prefill worker will send; None if they don't fit now.
+
+        Leading blocks found in the prefix cache are reused, so only the rest is transferred. The new
+        blocks join the prefix cache only once their KV has landed (`complete_remote_kv`).
+        """
+        self._check_can_serve(request)
+        computed_blocks, num_cached_tokens = self.kv_manager.get_computed_blocks(request)
+        num_new_tokens = request.num_prompt_tokens - num_cached_tokens
+        if self.kv_manager.allocate_slots(request, num_new_tokens, computed_blocks, defer_caching=True) is None:
+            self.kv_manager.free(request)  # forget the hash chain the lookup started
+            return None
+        request.num_cached_tokens = request.num_computed_tokens = num_cached_tokens
+        request.status = RequestStatus.WAITING_FOR_KV
+        self.requests[request.request_id] = request
+        self.waiting_for_kv[request.request_id] = request
+        first_block_index = num_cached_tokens // self.kv_manager.block_size
+        block_ids = self.kv_manager.get_block_ids(request.request_id)
+        return RemoteKVReservation(first_block_index, block_ids[first_block_index:])
+
+    def complete_remote_kv(self, request_id: str, first_token_id: int) -> Request:
+        """The prompt's KV landed: count it computed, append the prefill's first token, start decoding."""
+        request = self.waiting_for_kv.pop(request_id)
+        request.num_computed_tokens = request.num_prompt_tokens
+        self.kv_manager.cache_blocks(request, request.num_prompt_tokens)
+        request.append_output_token(first_token_id)
+        reason = self._check_stop(request)
+        if reason is not None:
+            self._finish(request, reason)
+        else:
+            request.status = RequestStatus.RUNNING
+            self._add_running(request)
+        return request
+
+    def fall_back_to_local_prefill(self, request_id: str) -> None:
+        """The transfer failed: release the reservation and queue the prompt to be computed here."""
+        request = self.waiting_for_kv.pop(request_id)
+        self.kv_manager.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        self._enqueue_waiting(request, at_front=True)
 
     # ---- one step ----
 

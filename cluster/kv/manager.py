@@ -76,12 +76,18 @@ class KVCacheManager:
         return blocks, num_hit_tokens
 
     def allocate_slots(
-        self, request: Request, num_new_tokens: int, new_computed_blocks: Sequence[KVBlock] = ()
+        self,
+        request: Request,
+        num_new_tokens: int,
+        new_computed_blocks: Sequence[KVBlock] = (),
+        defer_caching: bool = False,
     ) -> list[KVBlock] | None:
         """Make room for `num_new_tokens` after the request's computed tokens and any new prefix hits.
 
         Returns the newly allocated blocks (possibly empty: the last block had room), or None when the
-        pool can't supply them, in which case nothing changed.
+        pool can't supply them, in which case nothing changed. With `defer_caching` the new blocks are
+        not offered to the prefix cache until `cache_blocks` says their KV is really there (a transfer
+        from a prefill worker fills them later, and may fail).
         """
         blocks = self._req_blocks.get(request.request_id, [])
         num_computed_tokens = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
@@ -97,8 +103,13 @@ class KVCacheManager:
         blocks.extend(new_computed_blocks)
         new_blocks = self.block_pool.get_new_blocks(num_new_blocks) if num_new_blocks > 0 else []
         blocks.extend(new_blocks)
-        self._cache_full_blocks(request, blocks, min(num_total_tokens, request.num_tokens))
+        if not defer_caching:
+            self._cache_full_blocks(request, blocks, min(num_total_tokens, request.num_tokens))
         return new_blocks
+
+    def cache_blocks(self, request: Request, num_tokens: int) -> None:
+        """Offer the prefix cache the full blocks among the request's first `num_tokens` tokens."""
+        self._cache_full_blocks(request, self._req_blocks.get(request.request_id, []), num_tokens)
 
     def free(self, request: Request) -> None:
         """Release the request's blocks, tail first so shared prefixes outlive private suffixes."""

@@ -23,4 +23,4 @@ lint: setup
 	$(VENV)/bin/ruff check cluster kernels loadtest tests
 
 bench: setup
-	$(PY) -m loadtest.offline_bench --write BENCHMARKS.md
+	$(PY) -m loadtest.offline_bench --repeat 3 --write BENCHMARKS.md

@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat", type=int, default=1, help="runs per system; the median run is reported")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print the torch profiler's top ops for the engine")
     parser.add_argument("--write", type=Path, help="rewrite this markdown file's offline section")
@@ -94,10 +95,16 @@ def main(argv: list[str] | None = None) -> None:
     vocab_size = json.loads((args.model / "config.json").read_text())["vocab_size"]
     prompts = make_prompts(args.num_prompts, args.input_len, vocab_size, args.seed)
 
-    results = {"engine": run_engine(args.model, prompts, args.output_len, args.dtype, args.profile)}
-    if not args.skip_transformers:
-        results["transformers"] = run_transformers(args.model, prompts, args.output_len, args.dtype,
-                                                   args.hf_batch_size)
+    # Runs alternate between the systems so slow drift on a shared machine hits both alike.
+    runs: dict[str, list[dict]] = {"engine": [], "transformers": []}
+    for i in range(args.repeat):
+        print(f"run {i + 1}/{args.repeat}")
+        runs["engine"].append(run_engine(args.model, prompts, args.output_len, args.dtype, args.profile))
+        if not args.skip_transformers:
+            runs["transformers"].append(
+                run_transformers(args.model, prompts, args.output_len, args.dtype, args.hf_batch_size)
+            )
+    results = {name: median_run(r) for name, r in runs.items() if r}
     table = render(results, args)
     print(table)
     if args.json:
@@ -106,21 +113,33 @@ def main(argv: list[str] | None = None) -> None:
         write_section(args.write, table)
 
 
+def median_run(runs: list[dict]) -> dict:
+    ordered = sorted(runs, key=lambda r: r["output_tok_s"])
+    median = dict(ordered[len(ordered) // 2])
+    median["all_output_tok_s"] = [round(r["output_tok_s"], 1) for r in runs]
+    return median
+
+
 def render(results: dict, args: argparse.Namespace) -> str:
     command = (f"python -m loadtest.offline_bench --num-prompts {args.num_prompts} --input-len {args.input_len} "
-               f"--output-len {args.output_len} --dtype {args.dtype}")
+               f"--output-len {args.output_len} --dtype {args.dtype} --repeat {args.repeat}")
     lines = [
         f"Date: {datetime.date.today()} · machine: {platform.machine()}, {torch.get_num_threads()} torch threads "
         f"· model: {args.model} ({args.dtype}) · command: `{command}`",
         "",
-        "| system | output tokens | seconds | output tok/s | ratio |",
-        "|---|---:|---:|---:|---:|",
+        f"Median of {args.repeat} run(s) per system, alternating.",
+        "",
+        "| system | output tokens | seconds | output tok/s | ratio | every run (tok/s) |",
+        "|---|---:|---:|---:|---:|---|",
     ]
     baseline = results.get("transformers", {}).get("output_tok_s")
     for name, r in results.items():
         ratio = f"{r['output_tok_s'] / baseline:.2f}x" if baseline else "-"
         label = "pdserve engine" if name == "engine" else f"transformers generate (batch {args.hf_batch_size})"
-        lines.append(f"| {label} | {r['output_tokens']} | {r['seconds']:.1f} | {r['output_tok_s']:.0f} | {ratio} |")
+        every = ", ".join(f"{x:.0f}" for x in r["all_output_tok_s"])
+        lines.append(
+            f"| {label} | {r['output_tokens']} | {r['seconds']:.1f} | {r['output_tok_s']:.0f} | {ratio} | {every} |"
+        )
     return "\n".join(lines)
 
 

@@ -122,7 +122,8 @@ class TorchAttentionBackend:
             blocks = meta.block_tables[seq_idx, :num_blocks]
             keys = self.k_caches[layer_idx][blocks].flatten(0, 1)[:context_len]  # [ctx, Hkv, D]
             values = self.v_caches[layer_idx][blocks].flatten(0, 1)[:context_len]
-        qh, kh, vh = q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1)  # [H, n|ctx, D]
+        # [1, H, n|ctx, D]: with a batch dim SDPA takes its fused CPU kernel (3-D inputs take the slow path)
+        qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, keys, values))
         if num_cached == 0:
             out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=True)
         else:
@@ -130,6 +131,7 @@ class TorchAttentionBackend:
             rows = torch.arange(num_new, device=q.device)[:, None] + num_cached
             mask = torch.arange(context_len, device=q.device)[None, :] <= rows
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        out = out.squeeze(0)
         return out.transpose(0, 1)
 
 

@@ -103,7 +103,7 @@ def _generate(args: argparse.Namespace) -> int:
     num_tokens = sum(len(o.token_ids) for o in outputs)
     lines = [
         json.dumps({"prompt": p if isinstance(p, str) else None, "text": o.text, "token_ids": o.token_ids,
-                    "finish_reason": o.finish_reason.value if o.finish_reason else None})
+                    "finish_reason": o.finish_reason.value if o.finish_reason else None}, ensure_ascii=False)
         for p, o in zip(prompts, outputs, strict=True)
     ]
     if args.output:

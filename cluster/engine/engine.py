@@ -155,6 +155,10 @@ class LLMEngine:
         self._pending_choices.pop(internal_ids[0] if internal_ids else "", None)
         self._num_open.pop(request_id, None)
 
+    def is_request_open(self, request_id: str) -> bool:
+        """True while any choice of the caller's request is still queued, running or waiting for KV."""
+        return request_id in self._num_open
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or bool(self._pending_choices)
 

@@ -41,7 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     _add_engine_args(up, model_required=False)
     _add_sampling_args(up)
 
+    worker = commands.add_parser("worker", help="run one worker (prefill, decode or unified) as a plain process")
+    _add_engine_args(worker)
+    worker.add_argument("--role", choices=["prefill", "decode", "unified"], required=True)
+    worker.add_argument("--host", default="127.0.0.1")
+    worker.add_argument("--port", type=int, default=0, help="0 = any free port (printed as 'READY host:port')")
+    worker.add_argument("--kv-transport", choices=["grpc", "dist", "local"], default="grpc")
+    worker.add_argument("--num-kv-blocks", type=int, default=None)
+    worker.add_argument("--threads", type=int, default=None)
+
     args = parser.parse_args(argv)
+    if args.command == "worker":
+        return _worker(args)
     if args.command == "make-model":
         return _make_model(args)
     if args.command == "generate":
@@ -125,6 +136,38 @@ def _up(args: argparse.Namespace) -> int:
     args.input = None
     args.output = None
     return _generate(args)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from cluster.config import EngineConfig
+    from cluster.engine.engine import LLMEngine
+    from cluster.worker.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = EngineConfig(
+        dtype=args.dtype, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_memory_gib=args.kv_cache_memory_gib, num_kv_blocks=args.num_kv_blocks,
+        attention_backend=args.attention_backend, num_threads=args.threads,
+    )
+    engine = LLMEngine(str(args.model), config)
+
+    async def main() -> None:
+        ports: list[int] = []
+        ready = asyncio.Event()
+        task = asyncio.create_task(serve(engine, args.role, args.model.name, args.host, args.port,
+                                         args.kv_transport, ready, ports))
+        await ready.wait()
+        print(f"READY {args.host}:{ports[0]}", flush=True)
+        await task
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def _read_prompts(path: Path) -> list:

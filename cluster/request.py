@@ -107,6 +107,7 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first schedule (-1 = unknown)
         self.num_preemptions = 0
+        self.is_kv_fallback = False  # its KV transfer failed and the prompt was computed here instead
 
     @property
     def num_prompt_tokens(self) -> int:

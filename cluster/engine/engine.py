@@ -210,6 +210,7 @@ class LLMEngine:
             finish_reason=request.finish_reason,
             num_prompt_tokens=request.num_prompt_tokens,
             num_cached_tokens=request.num_cached_tokens,
+            is_kv_fallback=request.is_kv_fallback,
         )
         if request.is_finished:
             self._forget(request.request_id)

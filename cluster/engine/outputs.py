@@ -21,6 +21,7 @@ class RequestOutput:
     finish_reason: FinishReason | None
     num_prompt_tokens: int
     num_cached_tokens: int
+    is_kv_fallback: bool = False  # decode side: the transfer failed and the prompt was computed locally
 
 
 @dataclass

@@ -145,6 +145,7 @@ class Scheduler:
         """The transfer failed: release the reservation and queue the prompt to be computed here."""
         request = self.waiting_for_kv.pop(request_id)
         self.kv_manager.free(request)
+        request.is_kv_fallback = True
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
         self._enqueue_waiting(request, at_front=True)

@@ -1,0 +1,60 @@
+"""Protobuf <-> engine types for the worker API (no pickle crosses the network: only these messages)."""
+
+from __future__ import annotations
+
+from cluster.protogen import ensure_generated
+from cluster.request import FinishReason, SamplingParams
+
+ensure_generated()
+from pdserve.v1 import worker_pb2 as pb  # noqa: E402
+
+_FINISH = {
+    None: pb.FINISH_REASON_UNSPECIFIED,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: pb.FINISH_REASON_ABORT,
+}
+_FINISH_BACK = {v: k for k, v in _FINISH.items()}
+
+
+def params_from_pb(msg: pb.SamplingParams) -> SamplingParams:
+    """Raises ValueError naming the field, like the Python API."""
+    return SamplingParams(
+        n=msg.n or 1,
+        temperature=msg.temperature,
+        top_p=msg.top_p if msg.top_p else 1.0,
+        top_k=msg.top_k,
+        min_p=msg.min_p,
+        seed=msg.seed if msg.HasField("seed") else None,
+        presence_penalty=msg.presence_penalty,
+        frequency_penalty=msg.frequency_penalty,
+        repetition_penalty=msg.repetition_penalty or 1.0,
+        max_tokens=msg.max_tokens or 16,
+        min_tokens=msg.min_tokens,
+        stop=list(msg.stop),
+        stop_token_ids=list(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos,
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+    )
+
+
+def params_to_pb(params: SamplingParams) -> pb.SamplingParams:
+    msg = pb.SamplingParams(
+        n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
+        presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+        repetition_penalty=params.repetition_penalty, max_tokens=params.max_tokens, min_tokens=params.min_tokens,
+        stop=params.stop, stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos,
+    )
+    if params.seed is not None:
+        msg.seed = params.seed
+    if params.logprobs is not None:
+        msg.logprobs = params.logprobs
+    return msg
+
+
+def finish_to_pb(reason: FinishReason | None) -> int:
+    return _FINISH[reason]
+
+
+def finish_from_pb(value: int) -> FinishReason | None:
+    return _FINISH_BACK[value]

@@ -1,0 +1,184 @@
+"""The worker's gRPC server (pdserve.v1.Worker): one engine, one role, on grpc.aio.
+
+Handlers never block the event loop on the engine: they hand work to the EngineLoop thread and await
+its futures and output queues. Roles: `prefill` serves Prefill, `decode` serves Decode (with or without
+KV from a prefill worker) and receives KV, `unified` serves both. Errors map to gRPC status codes:
+bad input INVALID_ARGUMENT naming the field, no KV room RESOURCE_EXHAUSTED (with a retry hint in the
+trailing metadata), draining UNAVAILABLE, a call the role doesn't serve FAILED_PRECONDITION.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import grpc
+
+from cluster.engine.engine import LLMEngine
+from cluster.protogen import ensure_generated
+from cluster.worker import convert
+from cluster.worker.decode import KVEndpoint, NoRoomError, decode
+from cluster.worker.engine_loop import EngineLoop
+from cluster.worker.prefill import prefill
+
+ensure_generated()
+from pdserve.v1 import worker_pb2 as pb  # noqa: E402
+from pdserve.v1 import worker_pb2_grpc as pb_grpc  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("prefill", "decode", "unified")
+RETRY_AFTER_S = "1"
+
+
+class WorkerService(pb_grpc.WorkerServicer):
+    def __init__(self, loop: EngineLoop, role: str, model: str, endpoint: KVEndpoint, kv_servicer=None) -> None:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        self.loop = loop
+        self.role = role
+        self.model = model
+        self.endpoint = endpoint
+        self.kv_servicer = kv_servicer
+        self.worker_id = f"{role}-{uuid.uuid4().hex[:8]}"
+        self.draining = False
+        self.num_in_flight = 0
+
+    # ---- data plane ----
+    async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:  # noqa: N802
+        await self._admit(context, "prefill")
+        params = await self._params(request.sampling_params, context)
+        destination = request.kv_destination if request.HasField("kv_destination") else None
+        self.num_in_flight += 1
+        try:
+            out = await prefill(self.loop, request.request_id, list(request.prompt_token_ids), params, destination)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        finally:
+            self.num_in_flight -= 1
+        return pb.PrefillResponse(
+            request_id=request.request_id,
+            first_token_id=out.new_token_ids[0],
+            num_prompt_tokens=out.num_prompt_tokens,
+            num_cached_tokens=out.num_cached_tokens,
+            kv_sent=destination is not None and bool(destination.targets),
+        )
+
+    async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        await self._admit(context, "decode")
+        params = await self._params(request.sampling_params, context)
+        self.num_in_flight += 1
+        try:
+            stream = decode(
+                self.loop, request.request_id, list(request.prompt_token_ids), params,
+                expect_kv=request.expect_kv, transfer_id=request.transfer_id or request.request_id,
+                lease_seconds=request.kv_lease_seconds or 30.0, endpoint=self.endpoint,
+            )
+            is_first_output = True
+            async for reservation, out in stream:
+                if reservation is not None:
+                    yield pb.TokenChunk(request_id=request.request_id, kv_destination=self._destination(
+                        request, reservation))
+                    continue
+                tokens = out.new_token_ids
+                # The router already streamed the prefill worker's first token, unless we recomputed it.
+                if request.expect_kv and is_first_output and not out.is_kv_fallback:
+                    tokens = []
+                is_first_output = False
+                yield pb.TokenChunk(
+                    request_id=request.request_id, token_ids=tokens,
+                    finish_reason=convert.finish_to_pb(out.finish_reason if out.finished else None),
+                    num_prompt_tokens=out.num_prompt_tokens, num_cached_tokens=out.num_cached_tokens,
+                    kv_fallback=out.is_kv_fallback,
+                )
+        except NoRoomError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc),
+                                trailing_metadata=(("retry-after", RETRY_AFTER_S),))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        finally:
+            self.num_in_flight -= 1
+
+    async def PushKV(self, request_iterator, context):  # noqa: N802
+        if self.kv_servicer is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker does not receive KV over gRPC")
+        return await self.kv_servicer.push_kv_async(request_iterator, context)
+
+    # ---- control plane ----
+    async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:  # noqa: N802
+        def read(engine: LLMEngine) -> pb.StatsResponse:
+            scheduler, kv = engine.scheduler, engine.kv_manager
+            return pb.StatsResponse(
+                worker_id=self.worker_id, role=self.role, model=self.model,
+                num_requests_running=scheduler.num_running, num_requests_waiting=scheduler.num_waiting,
+                num_requests_waiting_for_kv=len(scheduler.waiting_for_kv),
+                num_free_blocks=kv.num_free_blocks, num_total_blocks=kv.num_blocks, kv_cache_usage=kv.usage,
+                prefix_cache_hits=kv.prefix_cache_hits, prefix_cache_queries=kv.prefix_cache_queries,
+                kv_transfer_fallbacks=engine.num_kv_transfer_fallbacks, draining=self.draining,
+            )
+
+        return await asyncio.wrap_future(self.loop.call(read))
+
+    async def Drain(self, request: pb.DrainRequest, context) -> pb.DrainResponse:  # noqa: N802
+        self.draining = True
+        return pb.DrainResponse(accepted=True, num_in_flight=self.num_in_flight)
+
+    async def Health(self, request: pb.HealthRequest, context) -> pb.HealthResponse:  # noqa: N802
+        status = pb.HealthResponse.DRAINING if self.draining else pb.HealthResponse.SERVING
+        return pb.HealthResponse(status=status, role=self.role, model=self.model)
+
+    # ---- helpers ----
+    async def _admit(self, context, call: str) -> None:
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining")
+        if self.role != "unified" and self.role != call:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"a {self.role} worker does not serve {call}")
+
+    async def _params(self, msg, context):
+        try:
+            return convert.params_from_pb(msg)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    def _destination(self, request: pb.DecodeRequest, reservation) -> pb.KVDestination:
+        num_kv_heads = self.loop.engine.arch.num_kv_heads
+        return pb.KVDestination(
+            transport=self.endpoint.transport,
+            first_block_index=reservation.first_block_index,
+            num_blocks=len(reservation.block_ids),
+            lease_seconds=request.kv_lease_seconds or 30.0,
+            targets=[pb.KVTarget(decode_rank=0, address=self.endpoint.address,
+                                 transfer_id=request.transfer_id or request.request_id,
+                                 kv_head_start=0, kv_head_end=num_kv_heads)],
+        )
+
+
+async def serve(engine: LLMEngine, role: str, model: str, host: str = "127.0.0.1", port: int = 0,
+                kv_transport: str = "grpc", ready: asyncio.Event | None = None, port_out: list | None = None) -> None:
+    """Serve until cancelled. Binds host:port (0 = any free port, reported through `port_out`)."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
+    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{bound}"
+    kv_servicer = None
+    if kv_transport == "grpc":
+        from cluster.transfer.grpc import AsyncKVTransferServicer
+
+        kv_servicer = AsyncKVTransferServicer()
+    endpoint = KVEndpoint(kv_transport, address, kv_servicer)
+    loop = EngineLoop(engine, name=f"{role}-engine").start()
+    pb_grpc.add_WorkerServicer_to_server(WorkerService(loop, role, model, endpoint, kv_servicer), server)
+    await server.start()
+    logger.info("%s worker serving %s on %s (KV transport %s)", role, model, address, kv_transport)
+    if port_out is not None:
+        port_out.append(bound)
+    if ready is not None:
+        ready.set()
+    try:
+        await server.wait_for_termination()
+    finally:
+        await server.stop(grace=1.0)
+        loop.stop()
+
+
+__all__ = ["ROLES", "WorkerService", "serve"]

@@ -4,9 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup up test test-all lint bench
+.PHONY: setup up test test-all lint bench bench-kernels
 
+# Generated protobuf/gRPC code (cluster/_generated/, gitignored) is rebuilt when a .proto is newer.
 setup: $(VENV)/.installed
+	$(PY) -m cluster.protogen
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,10 +19,16 @@ up: setup
 	$(VENV)/bin/pdserve up
 
 test: setup
-	$(PY) -m pytest -q tests
+	RAY_AUTH_MODE=disabled $(PY) -m pytest -q tests
 
 lint: setup
 	$(VENV)/bin/ruff check cluster kernels loadtest tests
 
+# The suite rewrites its sections of BENCHMARKS.md; each section names the command that made it.
 bench: setup
 	$(PY) -m loadtest.offline_bench --repeat 3 --write BENCHMARKS.md
+	$(PY) -m loadtest.disagg_bench --write BENCHMARKS.md
+
+# Triton kernel timings on a GPU; on a CPU-only machine only the correctness checks run (interpreter).
+bench-kernels: setup
+	$(PY) -m kernels.bench

@@ -75,6 +75,18 @@ class KVCacheManager:
         self.prefix_cache_hits += num_hit_tokens
         return blocks, num_hit_tokens
 
+    def count_cached_prefix_tokens(self, token_ids: Sequence[int]) -> int:
+        """Tokens of this sequence's leading full blocks that are cached now. Read-only: no counters,
+        no tracking — for routing decisions, not admission."""
+        if not self.enable_prefix_caching:
+            return 0
+        num_hit = 0
+        for block_hash in extend_block_hashes([], token_ids, self.block_size):
+            if self.block_pool.get_cached_block(block_hash) is None:
+                break
+            num_hit += self.block_size
+        return num_hit
+
     def allocate_slots(
         self,
         request: Request,

@@ -26,19 +26,24 @@ class TokenEvent:
 
 
 def disaggregated_stream(prefill_stub, decode_stub, request_id: str, prompt_token_ids: list[int],
-                         params: SamplingParams, lease_seconds: float = 30.0,
+                         params: SamplingParams, lease_seconds: float = 30.0, min_prefill_tokens: int = 0,
                          timeout: float = 120.0) -> Iterator[TokenEvent]:
-    """Yield token events in order: the prefill's first token, then the decode stream's."""
+    """Yield token events in order: the prefill's first token, then the decode stream's.
+
+    With `min_prefill_tokens` the decode worker may keep a short (or mostly cached) prompt for itself;
+    its first chunk then names no KV targets and the prefill worker is not called."""
     sampling = params_to_pb(params)
     stream = decode_stub.Decode(pb.DecodeRequest(
         request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=sampling,
-        transfer_id=request_id, expect_kv=True, kv_lease_seconds=lease_seconds), timeout=timeout)
+        transfer_id=request_id, expect_kv=True, kv_lease_seconds=lease_seconds,
+        min_prefill_tokens=min_prefill_tokens), timeout=timeout)
     try:
         first = next(stream)
-        response = prefill_stub.Prefill(pb.PrefillRequest(
-            request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=sampling,
-            transfer_id=request_id, kv_destination=first.kv_destination), timeout=timeout)
-        yield TokenEvent([response.first_token_id], None)
+        if first.kv_destination.targets:
+            response = prefill_stub.Prefill(pb.PrefillRequest(
+                request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=sampling,
+                transfer_id=request_id, kv_destination=first.kv_destination), timeout=timeout)
+            yield TokenEvent([response.first_token_id], None)
         for chunk in stream:
             yield TokenEvent(list(chunk.token_ids), finish_from_pb(chunk.finish_reason), chunk.kv_fallback)
     finally:

@@ -15,7 +15,10 @@ A request's life on a decode worker:
 5. Tokens stream back as steps produce them — after the first one, which the router already has
    from the prefill worker, unless the fallback sampled its own. Finish, abort or a client that went
    away frees the blocks into the prefix cache and releases the lease.
-With `expect_kv=false` the worker prefills locally (short prompts: conditional disaggregation).
+With `expect_kv=false` the worker prefills locally. With `min_prefill_tokens`, it decides itself: if
+less than that much of the prompt is missing from its prefix cache, moving KV would cost more than
+computing it, so it prefills locally and tells the router to skip the prefill worker (conditional
+disaggregation).
 """
 
 from __future__ import annotations
@@ -62,8 +65,10 @@ async def decode(
     transfer_id: str,
     lease_seconds: float,
     endpoint: KVEndpoint,
+    min_prefill_tokens: int = 0,
 ) -> AsyncIterator[tuple[RemoteKVReservation | None, RequestOutput | None]]:
-    """Yields (reservation, None) first when expecting KV, then (None, output) per engine output."""
+    """Yields (reservation, None) first when expecting KV — a reservation of None meaning "prefilling
+    here after all" (conditional disaggregation) — then (None, output) per engine output."""
     aio_loop = asyncio.get_running_loop()
     outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
@@ -71,7 +76,8 @@ async def decode(
         aio_loop.call_soon_threadsafe(outputs.put_nowait, out)
 
     def add(engine: LLMEngine) -> RemoteKVReservation | None:
-        if not expect_kv:
+        num_uncached = len(prompt_ids) - engine.kv_manager.count_cached_prefix_tokens(prompt_ids)
+        if not expect_kv or num_uncached < min_prefill_tokens:
             engine.add_request(request_id, prompt_ids, params)
             loop.subscribe(request_id, deliver)
             return None
@@ -99,7 +105,7 @@ async def decode(
     finished = False
     try:
         if expect_kv:
-            yield reservation, None
+            yield reservation, None  # None: decided to prefill here
         while not finished:
             out = await outputs.get()
             finished = out.finished

@@ -74,16 +74,20 @@ class WorkerService(pb_grpc.WorkerServicer):
                 self.loop, request.request_id, list(request.prompt_token_ids), params,
                 expect_kv=request.expect_kv, transfer_id=request.transfer_id or request.request_id,
                 lease_seconds=request.kv_lease_seconds or 30.0, endpoint=self.endpoint,
+                min_prefill_tokens=request.min_prefill_tokens,
             )
             is_first_output = True
+            is_remote = False
             async for reservation, out in stream:
-                if reservation is not None:
-                    yield pb.TokenChunk(request_id=request.request_id, kv_destination=self._destination(
-                        request, reservation))
+                if out is None:  # expect_kv: where the KV goes, or (no targets) that it is computed here
+                    is_remote = reservation is not None
+                    destination = (self._destination(request, reservation) if is_remote
+                                   else pb.KVDestination(transport="none"))
+                    yield pb.TokenChunk(request_id=request.request_id, kv_destination=destination)
                     continue
                 tokens = out.new_token_ids
                 # The router already streamed the prefill worker's first token, unless we recomputed it.
-                if request.expect_kv and is_first_output and not out.is_kv_fallback:
+                if is_remote and is_first_output and not out.is_kv_fallback:
                     tokens = []
                 is_first_output = False
                 yield pb.TokenChunk(

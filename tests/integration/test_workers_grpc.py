@@ -128,3 +128,21 @@ def test_bad_input_and_wrong_role(workers):
         list(prefill.Decode(pb.DecodeRequest(request_id="x", prompt_token_ids=[1, 2])))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert decode.Health(pb.HealthRequest()).status == pb.HealthResponse.SERVING
+
+
+def test_conditional_disaggregation_keeps_short_prompts_on_the_decode_worker(workers, tiny_model_dir):
+    from cluster.worker.client import disaggregated_generate
+
+    prefill, decode, _ = workers
+    short, long_ = list(range(300, 310)), list(range(400, 480))
+    before = prefill.Stats(pb.StatsRequest()).prefix_cache_queries
+    got_short = disaggregated_generate(prefill, decode, "cd-short", short, GREEDY, min_prefill_tokens=32)
+    assert prefill.Stats(pb.StatsRequest()).prefix_cache_queries == before  # the prefill worker never saw it
+    got_long = disaggregated_generate(prefill, decode, "cd-long", long_, GREEDY, min_prefill_tokens=32)
+    assert prefill.Stats(pb.StatsRequest()).prefix_cache_queries > before
+    # long_'s first 64 tokens are now cached on the decode worker: only 16 remain, so it stays local
+    again = long_[:64] + list(range(900, 910))
+    before = prefill.Stats(pb.StatsRequest()).prefix_cache_queries
+    got_again = disaggregated_generate(prefill, decode, "cd-again", again, GREEDY, min_prefill_tokens=32)
+    assert prefill.Stats(pb.StatsRequest()).prefix_cache_queries == before
+    assert [got_short, got_long, got_again] == unified(tiny_model_dir, [short, long_, again])

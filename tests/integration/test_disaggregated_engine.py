@@ -112,3 +112,72 @@ def test_lost_sender_falls_back_to_local_prefill(tiny_model_dir):
     assert [got[rid] for rid in ids] == unified_tokens(tiny_model_dir, prompts)
     assert decode.num_kv_transfer_fallbacks == 2
     decode.kv_manager.check_no_leaks()
+
+
+class _FaultyChannel:
+    """A LocalChannel stand-in that damages the wire: flips bytes of one layer (the checksum then
+    disagrees) or goes silent after some layers (the sender died mid-transfer)."""
+
+    def __init__(self, real, *, corrupt_layer: int | None = None, die_after_layers: int | None = None):
+        self.real, self.corrupt_layer, self.die_after_layers = real, corrupt_layer, die_after_layers
+
+    def register(self, core):
+        self.real.register(core)
+
+    def unregister(self, core):
+        self.real.unregister(core)
+
+    def lookup(self, transfer_id):
+        core = self.real.lookup(transfer_id)
+        return None if core is None else _FaultyCore(core, self)
+
+
+class _FaultyCore:
+    def __init__(self, core, faults: _FaultyChannel):
+        self.core, self.faults = core, faults
+
+    def on_data(self, layer_idx, offset, payload, crc, fingerprint):
+        if self.faults.die_after_layers is not None and layer_idx >= self.faults.die_after_layers:
+            return True  # swallowed: nothing more ever reaches the receiver
+        if layer_idx == self.faults.corrupt_layer:
+            payload = payload.clone()
+            payload.view(-1)[:64] += 1  # bit rot on the wire, after the sender computed its checksum
+        return self.core.on_data(layer_idx, offset, payload, crc, fingerprint)
+
+    def on_final(self, *args):
+        if self.faults.die_after_layers is not None:
+            return True
+        return self.core.on_final(*args)
+
+    def on_abort(self, reason):
+        self.core.on_abort(reason)
+
+
+@pytest.mark.parametrize("fault", [{"corrupt_layer": 1}, {"die_after_layers": 2}])
+def test_damaged_transfers_fall_back_with_the_same_tokens(tiny_model_dir, fault):
+    from cluster.transfer.local import LocalChannel
+
+    prefill, decode = engine(tiny_model_dir), engine(tiny_model_dir)
+    prompts = prompts_for(prefill.arch.vocab_size, [24, 66], seed=16)
+    channel = _FaultyChannel(LocalChannel(), **fault)
+    ids = []
+    for prompt in prompts:
+        rid = f"fault-{next(_ids)}"
+        reservation = decode.add_remote_kv_request(rid, prompt, GREEDY)
+        spec = TransferSpec(
+            transfer_id=rid, num_layers=decode.arch.num_layers, block_size=decode.config.block_size,
+            num_kv_heads=decode.arch.num_kv_heads, head_dim=decode.arch.head_dim, dtype="float32",
+            num_blocks=len(reservation.block_ids), first_block_index=reservation.first_block_index,
+            lease_seconds=0.5,
+        )
+        decode.attach_kv_receiver(rid, create_receiver("local", spec, decode.attn.k_caches, decode.attn.v_caches,
+                                                       reservation.block_ids, channel=channel))
+        prefill.add_request(rid, prompt, GREEDY, kv_sender=create_sender("local", spec, channel=channel),
+                            first_block_index=reservation.first_block_index)
+        ids.append(rid)
+    run(prefill)
+    got = run(decode)
+    assert [got[rid] for rid in ids] == unified_tokens(tiny_model_dir, prompts)
+    assert decode.num_kv_transfer_fallbacks == len(prompts)
+    prefill.kv_manager.check_no_leaks()
+    decode.kv_manager.check_no_leaks()

@@ -1,0 +1,32 @@
+"""The command line: make-model writes a checkpoint the engine loads; generate runs a JSONL file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cluster.cli import main
+
+
+def test_make_model_then_generate_over_jsonl(tmp_path, capsys):
+    model = tmp_path / "m"
+    assert main(["make-model", "--preset", "tiny-llama-gqa", str(model)]) == 0
+    assert (model / "model.safetensors").exists() and (model / "tokenizer.json").exists()
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n\n{"prompt_token_ids": [5, 6, 7]}\n')
+    out = tmp_path / "o.jsonl"
+    assert main(["generate", "--model", str(model), "--input", str(prompts), "--output", str(out),
+                 "--max-tokens", "5", "--kv-cache-memory-gib", "0.05"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2
+    assert rows[0]["prompt"] == "hello" and rows[1]["prompt"] is None
+    assert all(1 <= len(r["token_ids"]) <= 5 and r["finish_reason"] in ("stop", "length") for r in rows)
+    assert "2 prompts" in capsys.readouterr().err
+
+
+def test_generate_rejects_a_line_without_a_prompt(tmp_path, tiny_model_dir):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"text": "no prompt field"}\n')
+    with pytest.raises(ValueError, match="prompt"):
+        main(["generate", "--model", str(tiny_model_dir), "--input", str(prompts)])

@@ -2,7 +2,8 @@
 
     pdserve make-model --preset tiny models/tiny
     pdserve generate --model models/tiny --input prompts.jsonl --output results.jsonl
-    pdserve up            # embedded defaults: makes the tiny model if missing and serves it
+    pdserve up            # embedded defaults: tiny model (made if missing), local Ray, prefill + decode workers
+    pdserve worker --role decode --model models/tiny     # one worker as a plain process
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     up = commands.add_parser("up", help="bring pdserve up on embedded defaults")
     _add_engine_args(up, model_required=False)
     _add_sampling_args(up)
+    up.add_argument("--once", action="store_true", help="run the demo request and exit instead of serving")
 
     worker = commands.add_parser("worker", help="run one worker (prefill, decode or unified) as a plain process")
     _add_engine_args(worker)
@@ -127,15 +129,57 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    """Until the router lands, `up` makes the tiny model if needed and runs the offline demo on it."""
+    """Local Ray, one prefill and one decode worker actor on the tiny model (made if missing), a demo
+    request through them, then serve until Ctrl-C (or exit at once with --once)."""
+    import os
+
     if not (args.model / "config.json").exists():
         from cluster.model.presets import make_model
 
         print(f"making the tiny model in {args.model} ...", file=sys.stderr)
         make_model("tiny", args.model)
-    args.input = None
-    args.output = None
-    return _generate(args)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import grpc
+    import ray
+
+    from cluster.config import EngineConfig
+    from cluster.model.tokenizer import Tokenizer
+    from cluster.protogen import ensure_generated
+    from cluster.worker.actor import start_worker_actor
+    from cluster.worker.client import disaggregated_stream
+
+    ensure_generated()
+    from pdserve.v1 import worker_pb2_grpc as pb_grpc
+
+    ray.init(include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False)
+    config = EngineConfig(dtype=args.dtype, max_num_seqs=args.max_num_seqs, kv_cache_memory_gib=args.kv_cache_memory_gib,
+                          max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
+                          num_threads=1)
+    try:
+        # Keep the handles: Ray ends an unnamed actor once no handle to it is left.
+        (prefill_actor, prefill_addr), (decode_actor, decode_addr) = (
+            start_worker_actor(role, args.model, config, num_cpus=0.5) for role in ("prefill", "decode"))
+        print(f"prefill worker: {prefill_addr}\ndecode worker:  {decode_addr}", file=sys.stderr)
+        tokenizer = Tokenizer.from_dir(args.model)
+        with grpc.insecure_channel(prefill_addr) as p_ch, grpc.insecure_channel(decode_addr) as d_ch:
+            prefill, decode = pb_grpc.WorkerStub(p_ch), pb_grpc.WorkerStub(d_ch)
+            for i, prompt in enumerate(_DEMO_PROMPTS):
+                tokens = [t for event in disaggregated_stream(prefill, decode, f"demo-{i}", tokenizer.encode(prompt),
+                                                              _sampling(args)) for t in event.token_ids]
+                print(json.dumps({"prompt": prompt, "text": tokenizer.decode(tokens), "num_tokens": len(tokens)},
+                                 ensure_ascii=False))
+        if args.once:
+            return 0
+        print(f"pdserve is up: {prefill_actor} -> {decode_actor} over gRPC, on Ray; Ctrl-C stops it",
+              file=sys.stderr)
+        import threading
+
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ray.shutdown()
+    return 0
 
 
 def _worker(args: argparse.Namespace) -> int:

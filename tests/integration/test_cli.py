@@ -30,3 +30,19 @@ def test_generate_rejects_a_line_without_a_prompt(tmp_path, tiny_model_dir):
     prompts.write_text('{"text": "no prompt field"}\n')
     with pytest.raises(ValueError, match="prompt"):
         main(["generate", "--model", str(tiny_model_dir), "--input", str(prompts)])
+
+
+def test_up_brings_up_ray_workers_and_serves_the_demo(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    model = tmp_path / "tiny"
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "up", "--once", "--model", str(model),
+                           "--max-tokens", "6", "--kv-cache-memory-gib", "0.05"],
+                          capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 4 and all(r["num_tokens"] >= 1 for r in rows)
+    assert (model / "config.json").exists()  # it made the tiny model itself

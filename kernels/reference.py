@@ -109,7 +109,7 @@ def pack_pages(
     """Gather a request's blocks, for some layers and a slice of KV heads, into one buffer."""
     heads = _heads(head_range, k_caches[0])
     return torch.stack(
-        [torch.stack([k_caches[l][block_ids][:, :, heads], v_caches[l][block_ids][:, :, heads]]) for l in layer_range]
+        [torch.stack([k_caches[layer][block_ids][:, :, heads], v_caches[layer][block_ids][:, :, heads]]) for layer in layer_range]
     )
 
 
@@ -123,9 +123,9 @@ def unpack_pages(
 ) -> None:
     """Scatter a packed buffer back into the caches (the receiver's block ids)."""
     heads = _heads(head_range, k_caches[0])
-    for i, l in enumerate(layer_range):
+    for i, layer in enumerate(layer_range):
         for kv, caches in enumerate((k_caches, v_caches)):
-            caches[l][block_ids, :, heads] = buffer[i, kv].to(caches[l].dtype)
+            caches[layer][block_ids, :, heads] = buffer[i, kv].to(caches[layer].dtype)
 
 
 class QuantizedPages(NamedTuple):
@@ -143,9 +143,10 @@ def quantize_pages(pages: torch.Tensor) -> QuantizedPages:
     """Symmetric per-(block, head) int8: scale = amax / 127, q = floor(x / scale + 0.5) in [-127, 127]."""
     x = pages.float()  # [L, 2, nb, bs, H, D]
     amax = x.abs().amax(dim=(3, 5))  # [L, 2, nb, H]
-    # A block of zeros gets scale 0 and decodes to zeros; multiply by 127 / amax (not divide by
-    # scale) because that is what the kernel does, so both round the same way.
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    # A block of zeros gets scale 0 and decodes to zeros. Multiply by a correctly rounded 127 / amax
+    # (not divide by scale; and `127.0 / t` in torch is reciprocal-then-multiply, off by an ulp)
+    # because that is what the kernel does, so both round the same way.
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0).div(amax), torch.zeros_like(amax))
     q = torch.floor(x * inv[:, :, :, None, :, None] + 0.5).clamp_(-127, 127)
     return QuantizedPages(q.to(torch.int8), amax / 127.0)
 

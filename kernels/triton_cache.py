@@ -9,9 +9,9 @@ Reference: kernels.reference.write_kv_cache (same signature).
 from __future__ import annotations
 
 import torch
-
 import triton
 import triton.language as tl
+
 from kernels import triton_utils as tu
 
 

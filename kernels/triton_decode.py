@@ -16,9 +16,9 @@ Reference: kernels.reference.paged_decode_attention (same signature but the keyw
 from __future__ import annotations
 
 import torch
-
 import triton
 import triton.language as tl
+
 from kernels import triton_utils as tu
 
 

@@ -18,9 +18,9 @@ References: kernels.reference.pack_pages / unpack_pages / pack_pages_int8 / unpa
 from __future__ import annotations
 
 import torch
-
 import triton
 import triton.language as tl
+
 from kernels import triton_utils as tu
 from kernels.reference import QuantizedPages
 
@@ -76,8 +76,10 @@ def _quantize_page(
         x = tl.load(cache_ptr + (t0 + offs_t) * stride_t + offs_d, mask=mask, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
     amax_all = tl.max(tl.max(amax, 1), 0)
-    # Multiply by 127 / amax like the reference, so both round identically; zeros get scale 0.
-    inv = tl.where(amax_all > 0, 127.0 / amax_all, 0.0)
+    # Multiply by a correctly rounded 127 / amax like the reference, so both round identically
+    # (`/` alone is an approximate division on GPUs); zeros get scale 0.
+    safe = tl.where(amax_all > 0, amax_all, 1.0)
+    inv = tl.where(amax_all > 0, tl.div_rn(tl.full([], 127.0, tl.float32), safe), 0.0)
     tl.store(scale_ptr, amax_all / 127.0)
     for t0 in range(0, BLOCK_SIZE, BLOCK_T):
         mask = (t0 + offs_t < BLOCK_SIZE) & (offs_d < HEAD_DIM)
@@ -142,8 +144,8 @@ def _heads(head_range: range | None, cache: torch.Tensor) -> range:
 
 
 def _check_caches(k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], layer_range: range) -> None:
-    for l in layer_range:
-        if k_caches[l].stride(-1) != 1 or v_caches[l].stride(-1) != 1:
+    for layer in layer_range:
+        if k_caches[layer].stride(-1) != 1 or v_caches[layer].stride(-1) != 1:
             raise ValueError("KV caches must have a unit-stride head_dim axis")
 
 
@@ -161,8 +163,8 @@ def _launch_copy(buffer, k_caches, v_caches, layer_range, block_ids, heads, unpa
     num_pages = block_ids.shape[0]
     if num_pages == 0:
         return
-    for i, l in enumerate(layer_range):
-        k, v = k_caches[l], v_caches[l]
+    for i, layer in enumerate(layer_range):
+        k, v = k_caches[layer], v_caches[layer]
         _copy_pages_kernel[(num_pages, chunks)](
             k, v, block_ids, buffer[i], num_pages, heads.start,
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
@@ -177,11 +179,15 @@ def pack_pages(
     layer_range: range,
     block_ids: torch.Tensor,  # [nb] on the caches' device
     head_range: range | None = None,
+    *,
+    out: torch.Tensor | None = None,  # a contiguous buffer to fill, e.g. a registered send buffer
 ) -> torch.Tensor:  # [L, 2, nb, bs, H, D]
     cache = k_caches[layer_range.start]
     heads = _heads(head_range, cache)
     shape = (len(layer_range), 2, block_ids.shape[0], cache.shape[1], len(heads), cache.shape[3])
-    buffer = torch.empty(shape, dtype=cache.dtype, device=cache.device)
+    buffer = torch.empty(shape, dtype=cache.dtype, device=cache.device) if out is None else out
+    if tuple(buffer.shape) != shape or buffer.dtype != cache.dtype or not buffer.is_contiguous():
+        raise ValueError(f"out must be a contiguous {cache.dtype} tensor of shape {shape}")
     _launch_copy(buffer, k_caches, v_caches, layer_range, block_ids, heads, unpack=False)
     return buffer
 
@@ -214,8 +220,8 @@ def _launch_int8(packed: QuantizedPages, k_caches, v_caches, layer_range, block_
         return
     block_size, head_dim = cache.shape[1], cache.shape[3]
     block_t = min(tu.next_pow2(block_size), 16 if tu.is_interpreter() else 32)
-    for i, l in enumerate(layer_range):
-        k, v = k_caches[l], v_caches[l]
+    for i, layer in enumerate(layer_range):
+        k, v = k_caches[layer], v_caches[layer]
         _int8_pages_kernel[(num_pages, len(heads))](
             k, v, block_ids, packed.data[i], packed.scales[i], num_pages, heads.start,
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
@@ -230,14 +236,20 @@ def pack_pages_int8(
     layer_range: range,
     block_ids: torch.Tensor,
     head_range: range | None = None,
+    *,
+    out: QuantizedPages | None = None,  # contiguous buffers to fill
 ) -> QuantizedPages:  # data int8 [L, 2, nb, bs, H, D], scales float32 [L, 2, nb, H]
     cache = k_caches[layer_range.start]
     heads = _heads(head_range, cache)
-    nb = block_ids.shape[0]
-    data = torch.empty(len(layer_range), 2, nb, cache.shape[1], len(heads), cache.shape[3],
-                       dtype=torch.int8, device=cache.device)
-    scales = torch.empty(len(layer_range), 2, nb, len(heads), dtype=torch.float32, device=cache.device)
-    packed = QuantizedPages(data, scales)
+    shape = (len(layer_range), 2, block_ids.shape[0], cache.shape[1], len(heads), cache.shape[3])
+    if out is None:
+        out = QuantizedPages(torch.empty(shape, dtype=torch.int8, device=cache.device),
+                             torch.empty(shape[:3] + shape[4:5], dtype=torch.float32, device=cache.device))
+    packed = out
+    if (tuple(packed.data.shape) != shape or packed.data.dtype != torch.int8 or not packed.data.is_contiguous()
+            or tuple(packed.scales.shape) != shape[:3] + shape[4:5] or packed.scales.dtype != torch.float32
+            or not packed.scales.is_contiguous()):
+        raise ValueError(f"out must be contiguous int8 {shape} data and float32 {shape[:3] + shape[4:5]} scales")
     _launch_int8(packed, k_caches, v_caches, layer_range, block_ids, heads, unpack=False)
     return packed
 

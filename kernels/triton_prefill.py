@@ -15,9 +15,9 @@ Reference: kernels.reference.prefill_attention (same signature but the keyword o
 from __future__ import annotations
 
 import torch
-
 import triton
 import triton.language as tl
+
 from kernels import triton_utils as tu
 
 

@@ -11,9 +11,7 @@ import functools
 import os
 
 import torch
-
 import triton
-import triton.language as tl
 
 LOG2E = 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e)), one fewer multiply in the loop
 
@@ -36,10 +34,6 @@ def device_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     return num_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def triton_dtype(dtype: torch.dtype) -> tl.dtype:
-    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
 
 def dot_precision(dtype: torch.dtype) -> str:

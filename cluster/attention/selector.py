@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from cluster.attention.torch_backend import TorchAttentionBackend
@@ -19,11 +21,12 @@ def create_attention_backend(
     device: torch.device,
 ):
     """auto = triton on CUDA, cpu on CPU. `cpu` = torch ops plus the C++ paged decode kernel (falling
-    back to plain torch when it cannot be built); `torch` = plain torch ops only (the reference)."""
+    back to plain torch when it cannot be built); `torch` = plain torch ops only (the reference);
+    `triton` = the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1 for tests)."""
     if name == "auto":
         name = "triton" if device.type == "cuda" else "cpu"
     if name == "triton":
-        raise ValueError("attention_backend 'triton' is not available yet; use 'torch'")
+        return _create_triton_backend(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device)
     decode_kernel = None
     if name == "cpu":
         if device.type != "cpu":
@@ -34,3 +37,18 @@ def create_attention_backend(
     return TorchAttentionBackend(
         num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device, decode_kernel=decode_kernel
     )
+
+
+def _create_triton_backend(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device):
+    """Imported here, not at the top: the engine must load without Triton, and the interpreter flag
+    (TRITON_INTERPRET) must be set before the kernels are defined."""
+    device = torch.device(device)
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise ValueError("attention_backend 'triton' on CPU needs TRITON_INTERPRET=1 (tests only); use 'cpu'")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"attention_backend 'triton' needs a CUDA device, got {device}")
+    try:
+        from cluster.attention.triton_backend import TritonAttentionBackend
+    except ImportError as exc:
+        raise ValueError(f"attention_backend 'triton' needs the triton package ({exc}); use 'torch'") from exc
+    return TritonAttentionBackend(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device)

@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--kv-transport", choices=["grpc", "dist", "local"], default="grpc")
     worker.add_argument("--num-kv-blocks", type=int, default=None)
     worker.add_argument("--threads", type=int, default=None)
+    worker.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (ranks > 0 run as child processes)")
+    worker.add_argument("--prefill-tp", type=int, default=1,
+                        help="decode role: TP size of the prefill workers sending here, when a request doesn't say")
 
     args = parser.parse_args(argv)
     if args.command == "worker":
@@ -185,32 +188,40 @@ def _up(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     import asyncio
     import logging
+    import signal
 
     from cluster.config import EngineConfig
-    from cluster.engine.engine import LLMEngine
+    from cluster.parallel.launch import launch_tp_engine
     from cluster.worker.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = EngineConfig(
         dtype=args.dtype, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_memory_gib=args.kv_cache_memory_gib, num_kv_blocks=args.num_kv_blocks,
-        attention_backend=args.attention_backend, num_threads=args.threads,
+        attention_backend=args.attention_backend, num_threads=args.threads, tensor_parallel_size=args.tp,
     )
-    engine = LLMEngine(str(args.model), config)
+    # With --tp N this process is rank 0; ranks > 0 of a worker that receives KV get their own KV endpoint.
+    receives_kv = args.tp > 1 and args.role != "prefill"
+    engine, replica = launch_tp_engine(args.model, config, kv_transport=args.kv_transport if receives_kv else None,
+                                       kv_host=args.host)
 
     async def main() -> None:
         ports: list[int] = []
         ready = asyncio.Event()
         task = asyncio.create_task(serve(engine, args.role, args.model.name, args.host, args.port,
-                                         args.kv_transport, ready, ports))
+                                         args.kv_transport, ready, ports, tuple(replica.kv_addresses), args.prefill_tp))
+        if args.tp > 1:  # SIGTERM stops the server and the engine thread, then the TP ranks (finally, below)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         await ready.wait()
         print(f"READY {args.host}:{ports[0]}", flush=True)
         await task
 
     try:
         asyncio.run(main())
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         pass
+    finally:
+        replica.shutdown()
     return 0
 
 

@@ -31,6 +31,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto = triton on CUDA, cpu (C++ decode kernel) on CPU; torch = plain torch
     num_threads: int | None = None  # torch intra-op threads on CPU; None = all cores
     seed: int = 0  # seed for unseeded sampling
+    tensor_parallel_size: int = 1  # ranks one replica's model is sharded over (launch_tp_engine starts them)
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -53,6 +54,8 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
 

@@ -30,6 +30,7 @@ from cluster.engine.scheduler import RemoteKVReservation, Scheduler
 from cluster.kv.manager import KVCacheManager
 from cluster.model.loader import load_model
 from cluster.model.tokenizer import Tokenizer
+from cluster.parallel.state import TPContext
 from cluster.request import FinishReason, Request, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -38,15 +39,21 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 class LLMEngine:
-    def __init__(self, model_dir: str, config: EngineConfig | None = None) -> None:
+    def __init__(self, model_dir: str, config: EngineConfig | None = None, tp: TPContext | None = None) -> None:
+        """`tp`: this process is rank 0 of a tensor-parallel replica (see cluster.parallel.launch_tp_engine)."""
         self.config = config = config or EngineConfig()
+        self.tp = tp
+        if (tp.size if tp else 1) != config.tensor_parallel_size:
+            raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size} needs a TP group of that size "
+                             "(start the replica with cluster.parallel.launch_tp_engine)")
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         self.device = torch.device(config.device)
         self.dtype = _resolve_dtype(config.dtype, self.device)
         self.tokenizer = Tokenizer.from_dir(model_dir)
-        self.model, self.arch = load_model(model_dir, self.dtype, self.device)
+        self.model, self.arch = load_model(model_dir, self.dtype, self.device, tp.model if tp else None)
         self.model.eval()
+        self.num_kv_heads = self.model.num_kv_heads_per_rank  # with TP each rank caches only its heads
         self.max_model_len = min(config.max_model_len or self.arch.max_position_embeddings,
                                  self.arch.max_position_embeddings)
         self.eos_token_ids = tuple(self.arch.eos_token_ids or self.tokenizer.eos_token_ids)
@@ -57,7 +64,7 @@ class LLMEngine:
             num_layers=self.arch.num_layers,
             num_blocks=self.num_kv_blocks,
             block_size=config.block_size,
-            num_kv_heads=self.arch.num_kv_heads,
+            num_kv_heads=self.num_kv_heads,
             head_dim=self.arch.head_dim,
             dtype=self.dtype,
             device=self.device,
@@ -65,8 +72,13 @@ class LLMEngine:
         self.kv_manager = KVCacheManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.kv_manager, self.max_model_len)
         self.sampler = Sampler(seed=config.seed)
-        self.runner = ModelRunner(self.model, self.attn, self.sampler, self.device)
-        self.transfers = KVTransferCoordinator(self.attn)
+        if tp is None or tp.size == 1:
+            self.runner = ModelRunner(self.model, self.attn, self.sampler, self.device)
+            self.transfers = KVTransferCoordinator(self.attn)
+        else:  # every forward and KV transfer is mirrored on the other ranks (imported here: TP=1 never needs it)
+            from cluster.parallel.rank0 import make_rank0_components
+
+            self.runner, self.transfers = make_rank0_components(self, tp)
 
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._parents: dict[str, tuple[str, int]] = {}  # internal id -> (caller's id, choice index)
@@ -255,7 +267,7 @@ class LLMEngine:
 
     def _blocks_for_memory(self, gib: float) -> int:
         element_size = torch.empty((), dtype=self.dtype).element_size()
-        per_block = 2 * self.arch.num_layers * self.config.block_size * self.arch.num_kv_heads
+        per_block = 2 * self.arch.num_layers * self.config.block_size * self.num_kv_heads
         per_block *= self.arch.head_dim * element_size
         return max(1, int(gib * 2**30) // per_block)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from cluster.parallel.destination import KVDestination, KVTarget
 from cluster.protogen import ensure_generated
 from cluster.request import FinishReason, SamplingParams
 
@@ -58,3 +59,21 @@ def finish_to_pb(reason: FinishReason | None) -> int:
 
 def finish_from_pb(value: int) -> FinishReason | None:
     return _FINISH_BACK[value]
+
+
+def destination_to_pb(destination: KVDestination) -> pb.KVDestination:
+    return pb.KVDestination(
+        transport=destination.transport, first_block_index=destination.first_block_index,
+        num_blocks=destination.num_blocks, lease_seconds=destination.lease_seconds,
+        targets=[pb.KVTarget(decode_rank=t.decode_rank, address=t.address, transfer_id=t.transfer_id,
+                             kv_head_start=t.kv_head_start, kv_head_end=t.kv_head_end) for t in destination.targets],
+    )
+
+
+def destination_from_pb(msg: pb.KVDestination) -> KVDestination:
+    return KVDestination(
+        transport=msg.transport, first_block_index=msg.first_block_index, num_blocks=msg.num_blocks,
+        lease_seconds=msg.lease_seconds,
+        targets=tuple(KVTarget(t.decode_rank, t.address, t.transfer_id, t.kv_head_start, t.kv_head_end)
+                      for t in msg.targets),
+    )

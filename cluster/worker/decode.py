@@ -5,8 +5,10 @@ A request's life on a decode worker:
    starts. The engine reserves blocks for the prompt, reusing any leading blocks its prefix cache
    already holds, under a lease; the new blocks stay out of the prefix cache until their KV lands.
    No room → RESOURCE_EXHAUSTED, and the router tries elsewhere or later.
-2. A receiver is registered for the transfer, and the stream's first message tells the router where
-   the pages go (`kv_destination`: transport, this worker's address, the first block it lacks).
+2. A receiver is registered for the transfer on every TP rank of this worker (one per KV-head piece,
+   cut for the sending prefill worker's TP size), and the stream's first message tells the router
+   where the pages go (`kv_destination`: transport, each piece's rank, address and heads, the first
+   block it lacks).
 3. The router hands that destination to a prefill worker, whose pages arrive layer by layer and are
    written straight into the reserved blocks, every message checked against its checksum.
 4. Each engine step polls the receivers. DONE: the request leaves WAITING_FOR_KV with the prefill's
@@ -25,34 +27,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from cluster.engine.engine import LLMEngine
 from cluster.engine.outputs import RequestOutput
-from cluster.engine.scheduler import RemoteKVReservation
-from cluster.transfer import TransferSpec, create_receiver
+from cluster.parallel.destination import KVDestination
+from cluster.parallel.disagg import reserve_remote_kv
+from cluster.parallel.kv_endpoint import KVEndpoint
 from cluster.worker.engine_loop import EngineLoop
+
+__all__ = ["KVEndpoint", "NoRoomError", "decode"]
 
 
 class NoRoomError(RuntimeError):
     """The KV blocks for this prompt are not free right now."""
-
-
-@dataclass
-class KVEndpoint:
-    """How prefill workers reach this decode worker: the transport, its address, and the object
-    receivers register with (a gRPC KV servicer, a dist endpoint, or a local channel)."""
-
-    transport: str
-    address: str
-    registry: object | None = None
-
-    def receiver_kwargs(self) -> dict:
-        if self.transport == "grpc":
-            return {"servicer": self.registry}
-        if self.transport == "dist":
-            return {"endpoint": self.registry}
-        return {"channel": self.registry} if self.registry is not None else {}
 
 
 async def decode(
@@ -66,46 +53,38 @@ async def decode(
     lease_seconds: float,
     endpoint: KVEndpoint,
     min_prefill_tokens: int = 0,
-) -> AsyncIterator[tuple[RemoteKVReservation | None, RequestOutput | None]]:
-    """Yields (reservation, None) first when expecting KV — a reservation of None meaning "prefilling
-    here after all" (conditional disaggregation) — then (None, output) per engine output."""
+    prefill_tp: int = 1,
+) -> AsyncIterator[tuple[KVDestination | None, RequestOutput | None]]:
+    """Yields (destination, None) first when expecting KV — a destination of None meaning "prefilling
+    here after all" (conditional disaggregation) — then (None, output) per engine output.
+
+    `endpoint` is this worker's (rank 0's, listing its other TP ranks' addresses); `prefill_tp` is the
+    TP size of the prefill worker that will send, which fixes how the KV heads are cut into pieces."""
     aio_loop = asyncio.get_running_loop()
     outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
     def deliver(out: RequestOutput) -> None:
         aio_loop.call_soon_threadsafe(outputs.put_nowait, out)
 
-    def add(engine: LLMEngine) -> RemoteKVReservation | None:
+    def add(engine: LLMEngine) -> KVDestination | None:
         num_uncached = len(prompt_ids) - engine.kv_manager.count_cached_prefix_tokens(prompt_ids)
         if not expect_kv or num_uncached < min_prefill_tokens:
             engine.add_request(request_id, prompt_ids, params)
             loop.subscribe(request_id, deliver)
             return None
-        reservation = engine.add_remote_kv_request(request_id, prompt_ids, params)
-        if reservation is None:
+        destination = reserve_remote_kv(engine, request_id, prompt_ids, params, endpoint=endpoint,
+                                        transfer_id=transfer_id or request_id, prefill_tp=prefill_tp,
+                                        lease_seconds=lease_seconds)
+        if destination is None:
             raise NoRoomError(f"no room for {len(prompt_ids)} prompt tokens in the KV cache")
-        spec = TransferSpec(
-            transfer_id=transfer_id or request_id,
-            num_layers=engine.arch.num_layers,
-            block_size=engine.config.block_size,
-            num_kv_heads=engine.arch.num_kv_heads,
-            head_dim=engine.arch.head_dim,
-            dtype=str(engine.dtype).removeprefix("torch."),
-            num_blocks=len(reservation.block_ids),
-            first_block_index=reservation.first_block_index,
-            lease_seconds=lease_seconds,
-        )
-        receiver = create_receiver(endpoint.transport, spec, engine.attn.k_caches, engine.attn.v_caches,
-                                   reservation.block_ids, **endpoint.receiver_kwargs())
-        engine.attach_kv_receiver(request_id, receiver)
         loop.subscribe(request_id, deliver)
-        return reservation
+        return destination
 
-    reservation = await asyncio.wrap_future(loop.call(add))
+    destination = await asyncio.wrap_future(loop.call(add))
     finished = False
     try:
         if expect_kv:
-            yield reservation, None  # None: decided to prefill here
+            yield destination, None  # None: decided to prefill here
         while not finished:
             out = await outputs.get()
             finished = out.finished

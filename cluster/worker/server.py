@@ -33,7 +33,8 @@ RETRY_AFTER_S = "1"
 
 
 class WorkerService(pb_grpc.WorkerServicer):
-    def __init__(self, loop: EngineLoop, role: str, model: str, endpoint: KVEndpoint, kv_servicer=None) -> None:
+    def __init__(self, loop: EngineLoop, role: str, model: str, endpoint: KVEndpoint, kv_servicer=None,
+                 prefill_tp: int = 1) -> None:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         self.loop = loop
@@ -41,6 +42,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.model = model
         self.endpoint = endpoint
         self.kv_servicer = kv_servicer
+        self.prefill_tp = prefill_tp  # for Decode requests that don't name the sender's TP size
         self.worker_id = f"{role}-{uuid.uuid4().hex[:8]}"
         self.draining = False
         self.num_in_flight = 0
@@ -75,13 +77,14 @@ class WorkerService(pb_grpc.WorkerServicer):
                 expect_kv=request.expect_kv, transfer_id=request.transfer_id or request.request_id,
                 lease_seconds=request.kv_lease_seconds or 30.0, endpoint=self.endpoint,
                 min_prefill_tokens=request.min_prefill_tokens,
+                prefill_tp=request.prefill_tp_size or self.prefill_tp,
             )
             is_first_output = True
             is_remote = False
-            async for reservation, out in stream:
+            async for kv_destination, out in stream:
                 if out is None:  # expect_kv: where the KV goes, or (no targets) that it is computed here
-                    is_remote = reservation is not None
-                    destination = (self._destination(request, reservation) if is_remote
+                    is_remote = kv_destination is not None
+                    destination = (convert.destination_to_pb(kv_destination) if is_remote
                                    else pb.KVDestination(transport="none"))
                     yield pb.TokenChunk(request_id=request.request_id, kv_destination=destination)
                     continue
@@ -145,22 +148,13 @@ class WorkerService(pb_grpc.WorkerServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
-    def _destination(self, request: pb.DecodeRequest, reservation) -> pb.KVDestination:
-        num_kv_heads = self.loop.engine.arch.num_kv_heads
-        return pb.KVDestination(
-            transport=self.endpoint.transport,
-            first_block_index=reservation.first_block_index,
-            num_blocks=len(reservation.block_ids),
-            lease_seconds=request.kv_lease_seconds or 30.0,
-            targets=[pb.KVTarget(decode_rank=0, address=self.endpoint.address,
-                                 transfer_id=request.transfer_id or request.request_id,
-                                 kv_head_start=0, kv_head_end=num_kv_heads)],
-        )
-
 
 async def serve(engine: LLMEngine, role: str, model: str, host: str = "127.0.0.1", port: int = 0,
-                kv_transport: str = "grpc", ready: asyncio.Event | None = None, port_out: list | None = None) -> None:
-    """Serve until cancelled. Binds host:port (0 = any free port, reported through `port_out`)."""
+                kv_transport: str = "grpc", ready: asyncio.Event | None = None, port_out: list | None = None,
+                kv_peer_addresses: tuple[str, ...] = (), prefill_tp: int = 1) -> None:
+    """Serve until cancelled. Binds host:port (0 = any free port, reported through `port_out`).
+
+    A TP engine (launch_tp_engine) passes its other ranks' KV addresses as `kv_peer_addresses`."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
     bound = server.add_insecure_port(f"{host}:{port}")
     address = f"{host}:{bound}"
@@ -169,9 +163,9 @@ async def serve(engine: LLMEngine, role: str, model: str, host: str = "127.0.0.1
         from cluster.transfer.grpc import AsyncKVTransferServicer
 
         kv_servicer = AsyncKVTransferServicer()
-    endpoint = KVEndpoint(kv_transport, address, kv_servicer)
+    endpoint = KVEndpoint(kv_transport, address, kv_servicer, peer_addresses=tuple(kv_peer_addresses))
     loop = EngineLoop(engine, name=f"{role}-engine").start()
-    pb_grpc.add_WorkerServicer_to_server(WorkerService(loop, role, model, endpoint, kv_servicer), server)
+    pb_grpc.add_WorkerServicer_to_server(WorkerService(loop, role, model, endpoint, kv_servicer, prefill_tp), server)
     await server.start()
     logger.info("%s worker serving %s on %s (KV transport %s)", role, model, address, kv_transport)
     if port_out is not None:

@@ -59,7 +59,7 @@ class KVTransferCoordinator:
 
     def _on_layer_written(self, layer_idx: int) -> None:
         for _, sender, blocks in self._step_sends:
-            sender.send_layer(layer_idx, self.attn.k_caches[layer_idx][blocks], self.attn.v_caches[layer_idx][blocks])
+            sender.send_layer_blocks(layer_idx, self.attn.k_caches[layer_idx], self.attn.v_caches[layer_idx], blocks)
 
     def end_step(self, sampled_token_ids: dict[str, int]) -> None:
         for request_id, sender, _ in self._step_sends:

@@ -107,7 +107,7 @@ class FollowerTransfers:
 
     def _on_layer_written(self, layer_idx: int) -> None:
         for sender, blocks in self._step_sends:
-            sender.send_layer(layer_idx, self.attn.k_caches[layer_idx][blocks], self.attn.v_caches[layer_idx][blocks])
+            sender.send_layer_blocks(layer_idx, self.attn.k_caches[layer_idx], self.attn.v_caches[layer_idx], blocks)
 
     def end_step(self, first_tokens: list[int]) -> None:
         """After rank 0 sampled: the final message of each send carries the request's first token."""

@@ -92,6 +92,12 @@ class RoutedSender(KVSender):
         for heads, sender in self.parts:
             sender.send_layer(layer_idx, k_pages[:, :, heads], v_pages[:, :, heads])
 
+    def send_layer_blocks(self, layer_idx: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          block_ids: torch.Tensor | list[int], head_start: int = 0) -> None:
+        # Each piece gathers its heads straight from the cache into its send buffer (one copy).
+        for heads, sender in self.parts:
+            sender.send_layer_blocks(layer_idx, k_cache, v_cache, block_ids, head_start + heads.start)
+
     def finish(self, first_token_id: int) -> None:
         for _, sender in self.parts:
             sender.finish(first_token_id)

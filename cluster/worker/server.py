@@ -16,9 +16,10 @@ import uuid
 import grpc
 
 from cluster.engine.engine import LLMEngine
+from cluster.parallel.kv_endpoint import KVEndpoint, start_kv_endpoint
 from cluster.protogen import ensure_generated
 from cluster.worker import convert
-from cluster.worker.decode import KVEndpoint, NoRoomError, decode
+from cluster.worker.decode import NoRoomError, decode
 from cluster.worker.engine_loop import EngineLoop
 from cluster.worker.prefill import prefill
 
@@ -159,11 +160,14 @@ async def serve(engine: LLMEngine, role: str, model: str, host: str = "127.0.0.1
     bound = server.add_insecure_port(f"{host}:{port}")
     address = f"{host}:{bound}"
     kv_servicer = None
-    if kv_transport == "grpc":
+    if kv_transport == "grpc":  # PushKV rides on this very server
         from cluster.transfer.grpc import AsyncKVTransferServicer
 
         kv_servicer = AsyncKVTransferServicer()
-    endpoint = KVEndpoint(kv_transport, address, kv_servicer, peer_addresses=tuple(kv_peer_addresses))
+        endpoint = KVEndpoint(kv_transport, address, kv_servicer, peer_addresses=tuple(kv_peer_addresses))
+    else:  # dist: this rank's TCPStore rendezvous; local: the in-process channel
+        endpoint = start_kv_endpoint(kv_transport, host)
+        endpoint.peer_addresses = tuple(kv_peer_addresses)
     loop = EngineLoop(engine, name=f"{role}-engine").start()
     pb_grpc.add_WorkerServicer_to_server(WorkerService(loop, role, model, endpoint, kv_servicer, prefill_tp), server)
     await server.start()
@@ -177,6 +181,7 @@ async def serve(engine: LLMEngine, role: str, model: str, host: str = "127.0.0.1
     finally:
         await server.stop(grace=1.0)
         loop.stop()
+        endpoint.close()
 
 
 __all__ = ["ROLES", "WorkerService", "serve"]

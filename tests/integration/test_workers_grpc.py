@@ -1,4 +1,5 @@
-"""Prefill and decode workers as real processes, joined by gRPC (requests and KV pages).
+"""Prefill and decode workers as real processes: requests over gRPC, KV pages over gRPC or
+torch.distributed (gloo pair groups).
 
 The test plays the router: Decode(expect_kv) on the decode worker → it answers where the KV must go →
 Prefill on the prefill worker with that destination → first token back; the decode stream carries the
@@ -29,9 +30,9 @@ from pdserve.v1 import worker_pb2_grpc as pb_grpc  # noqa: E402
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
 
-def start_worker(model_dir, role: str) -> tuple[subprocess.Popen, str]:
+def start_worker(model_dir, role: str, transport: str) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "cluster.cli", "worker", "--role", role, "--model", str(model_dir),
-           "--num-kv-blocks", "256", "--threads", "1", "--kv-transport", "grpc", "--dtype", "float32"]
+           "--num-kv-blocks", "256", "--threads", "1", "--kv-transport", transport, "--dtype", "float32"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 60
@@ -45,13 +46,14 @@ def start_worker(model_dir, role: str) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"{role} worker did not start")
 
 
-@pytest.fixture(scope="module")
-def workers(tiny_model_dir):
+@pytest.fixture(scope="module", params=["grpc", "dist"])
+def workers(tiny_model_dir, request):
+    """A prefill and a decode worker process; KV moves by the parametrized transport."""
     procs = []
     try:
-        prefill_proc, prefill_addr = start_worker(tiny_model_dir, "prefill")
+        prefill_proc, prefill_addr = start_worker(tiny_model_dir, "prefill", request.param)
         procs.append(prefill_proc)
-        decode_proc, decode_addr = start_worker(tiny_model_dir, "decode")
+        decode_proc, decode_addr = start_worker(tiny_model_dir, "decode", request.param)
         procs.append(decode_proc)
         channels = [grpc.insecure_channel(prefill_addr), grpc.insecure_channel(decode_addr)]
         yield pb_grpc.WorkerStub(channels[0]), pb_grpc.WorkerStub(channels[1]), prefill_proc

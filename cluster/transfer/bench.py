@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3,
                         help="run every row this many times, interleaved, so a busy neighbour hits all alike")
+    parser.add_argument("--write", help="rewrite this markdown file's transfer section with the table")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     spec = request_spec(args, "shape")
@@ -218,7 +219,34 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
     gloo = rows[1][2]
     for name, ms, gbs in rows:
         print(f"{name:<24}{ms:>10.1f}{gbs:>10.2f}{gbs / gloo:>9.0%}")
+    if args.write:
+        _write_section(args, rows, nbytes)
     return rows
+
+
+def _write_section(args: argparse.Namespace, rows: list[tuple[str, float, float]], nbytes: int) -> None:
+    from pathlib import Path
+
+    begin, end = "<!-- transfer-bench:begin -->", "<!-- transfer-bench:end -->"
+    gloo = rows[1][2]
+    body = [
+        f"Date: {datetime.date.today()} · {args.tokens} tokens x {args.layers} layers x {args.kv_heads} KV heads x "
+        f"head_dim {args.head_dim}, fp32 = {nbytes / MiB:.0f} MiB on loopback · median of {args.rounds} x "
+        f"{args.reps} · command: `python -m cluster.transfer.bench`",
+        "",
+        "| path | ms | GB/s | vs raw gloo |",
+        "|---|---:|---:|---:|",
+        *(f"| {name} | {ms:.1f} | {gbs:.2f} | {gbs / gloo:.0%} |" for name, ms, gbs in rows),
+    ]
+    path = Path(args.write)
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{begin}\n" + "\n".join(body) + f"\n{end}"
+    if begin in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n## KV transfer transports\n\n" + block + "\n"
+    path.write_text(text)
 
 
 if __name__ == "__main__":

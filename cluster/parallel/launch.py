@@ -29,6 +29,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
@@ -192,13 +193,25 @@ def _wait_keys(store: TCPStore, keys: list[str], processes: list[BaseProcess], t
     return [store.get(k).decode() for k in keys]
 
 
+def spawn_follower_process(rank: int, args: tuple) -> BaseProcess:
+    """Start TP rank `rank` as a child process (the default way to start followers)."""
+    proc = mp.get_context("spawn").Process(target=_spawned_follower, name=f"pdserve-tp-rank{rank}", daemon=True,
+                                           args=args)
+    proc.start()
+    return proc
+
+
 def launch_tp_engine(model_dir: str | Path, config: EngineConfig, *, kv_transport: str | None = None,
                      kv_host: str = RENDEZVOUS_HOST, start_timeout_s: float = START_TIMEOUT_S,
+                     start_follower: Callable[[int, tuple], BaseProcess] = spawn_follower_process,
                      ) -> tuple[LLMEngine, TPHandle]:
     """Start a replica of `config.tensor_parallel_size` ranks; this process is rank 0 and gets the engine.
 
     `kv_transport` ("grpc" | "dist"): ranks > 0 start a KV endpoint of that kind on `kv_host` so a
     prefill worker can send them their heads (decode side); their addresses are `handle.kv_addresses`.
+    `start_follower(rank, run_follower_args)` starts one rank and returns something process-like
+    (`name`, `pid`, `is_alive()`, `join(t)`, `kill()`): a child process by default, a Ray actor in
+    cluster/worker/actor.py.
     """
     size = config.tensor_parallel_size
     if kv_transport not in (None, "grpc", "dist"):
@@ -209,15 +222,11 @@ def launch_tp_engine(model_dir: str | Path, config: EngineConfig, *, kv_transpor
         return engine, TPHandle(engine, [], [])
     store = TCPStore(RENDEZVOUS_HOST, 0, None, is_master=True, wait_for_workers=False,
                      timeout=datetime.timedelta(seconds=start_timeout_s))
-    ctx = mp.get_context("spawn")
     processes: list[BaseProcess] = []
     try:
         for rank in range(1, size):
-            proc = ctx.Process(target=_spawned_follower, name=f"pdserve-tp-rank{rank}", daemon=True,
-                               args=(rank, size, RENDEZVOUS_HOST, store.port, str(model_dir), config, kv_transport,
-                                     kv_host))
-            proc.start()
-            processes.append(proc)
+            args = (rank, size, RENDEZVOUS_HOST, store.port, str(model_dir), config, kv_transport, kv_host)
+            processes.append(start_follower(rank, args))
         others = range(1, size)
         _wait_keys(store, [f"joined/{r}" for r in others], processes, start_timeout_s)
         tp = init_tp_context(store, 0, size, rank_device(config.device, 0))

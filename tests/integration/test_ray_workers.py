@@ -55,3 +55,38 @@ def test_ray_actor_workers_serve_a_disaggregated_request(ray_cluster, tiny_model
     assert stats.kv_transfer_fallbacks == 0 and stats.num_free_blocks == stats.num_total_blocks
     ray.kill(prefill_actor)
     ray.kill(decode_actor)
+
+
+def unified_tokens(model_dir, prompts) -> list[list[int]]:
+    engine = LLMEngine(str(model_dir), EngineConfig(dtype="float32", num_kv_blocks=128))
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, GREEDY)
+    want: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            want.setdefault(out.request_id, []).extend(out.new_token_ids)
+    return [want[str(i)] for i in range(len(prompts))]
+
+
+def test_tp_decode_replica_is_one_actor_per_rank_in_a_strict_pack_group(ray_cluster, tiny_model_dir):
+    from ray.util import placement_group_table
+
+    from cluster.worker.actor import start_worker_actor
+
+    tp2 = EngineConfig(dtype="float32", num_kv_blocks=128, num_threads=1, tensor_parallel_size=2)
+    decode_actor, decode_addr = start_worker_actor("decode", tiny_model_dir, tp2, num_cpus=0.5)
+    prefill_actor, prefill_addr = start_worker_actor(
+        "prefill", tiny_model_dir, EngineConfig(dtype="float32", num_kv_blocks=128, num_threads=1), num_cpus=0.5)
+    groups = [g for g in placement_group_table().values() if g["state"] == "CREATED"]
+    assert any(g["strategy"] == "STRICT_PACK" and len(g["bundles"]) == 2 for g in groups)
+    rng = random.Random(4)
+    prompts = [[rng.randrange(8, 2000) for _ in range(n)] for n in (9, 45)]
+    with grpc.insecure_channel(prefill_addr) as p_ch, grpc.insecure_channel(decode_addr) as d_ch:
+        prefill, decode = pb_grpc.WorkerStub(p_ch), pb_grpc.WorkerStub(d_ch)
+        got = [disaggregated_generate(prefill, decode, f"tp-{i}", p, GREEDY) for i, p in enumerate(prompts)]
+        stats = decode.Stats(pb.StatsRequest())
+    assert got == unified_tokens(tiny_model_dir, prompts)
+    assert stats.kv_transfer_fallbacks == 0 and stats.num_free_blocks == stats.num_total_blocks
+    ray.get(decode_actor.shutdown.remote())  # STOP reaches the follower actor, which exits
+    ray.kill(decode_actor)
+    ray.kill(prefill_actor)

@@ -1,7 +1,8 @@
 """Prefill → decode across TP sizes: every rank moves its own KV heads, and the tokens equal a unified engine's.
 
 Two TP=2 replicas (rank 0 of each in this process, rank 1 a spawned process) and TP=1 engines, joined
-by the gRPC transport (each decode rank, followers included, has its own KV endpoint):
+by the gRPC or the torch.distributed transport (each decode rank, followers included, has its own KV
+endpoint):
 - prefill TP=1 → decode TP=2: the one prefill rank cuts its heads into a piece per decode rank;
 - prefill TP=2 → decode TP=1: each prefill rank sends its piece into the same decode blocks.
 Later prompts share a prefix the decode side already holds, so only the missing blocks are sent.
@@ -93,11 +94,17 @@ def tp2_prefill(tiny_model_dir):
     replica.shutdown()
 
 
+@pytest.fixture(scope="module", params=["grpc", "dist"])
+def transport(request) -> str:
+    """The KV transport between prefill and decode ranks (both work across processes)."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def tp2_decode(tiny_model_dir):
+def tp2_decode(tiny_model_dir, transport):
     engine, replica = launch_tp_engine(tiny_model_dir, EngineConfig(tensor_parallel_size=2, **CONFIG),
-                                       kv_transport="grpc")
-    endpoint = start_kv_endpoint("grpc")  # rank 0's, in this process
+                                       kv_transport=transport)
+    endpoint = start_kv_endpoint(transport)  # rank 0's, in this process
     endpoint.peer_addresses = tuple(replica.kv_addresses)
     yield engine, replica, endpoint
     replica.shutdown()
@@ -105,8 +112,8 @@ def tp2_decode(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def tp1_decode(tiny_model_dir):
-    endpoint = start_kv_endpoint("grpc")
+def tp1_decode(tiny_model_dir, transport):
+    endpoint = start_kv_endpoint(transport)
     yield LLMEngine(str(tiny_model_dir), EngineConfig(**CONFIG)), endpoint
     endpoint.close()
 

@@ -42,7 +42,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch.distributed import ProcessGroupGloo, TCPStore
 
-from cluster.transfer.base import KVPoll, KVReceiver, TransferError, TransferSpec
+from cluster.transfer.base import TransferError, TransferSpec
 from cluster.transfer.buffers import POOL
 from cluster.transfer.pair_group import (
     HEADER_BYTES,
@@ -59,6 +59,7 @@ from cluster.transfer.pair_group import (
     wait_work,
 )
 from cluster.transfer.receiver_core import ReceiverCore
+from cluster.transfer.registered import CoreReceiver
 from cluster.transfer.sender_core import AbortMsg, LayerMsg, Message, QueuedSender
 
 log = logging.getLogger(__name__)
@@ -202,7 +203,7 @@ class DistKVEndpoint:
         self.store = None  # stops the TCPStore server once the receivers' threads let go of it
 
 
-class DistKVReceiver(KVReceiver):
+class DistKVReceiver(CoreReceiver):
     def __init__(self, spec: TransferSpec, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
                  dest_block_ids: list[int], endpoint: DistKVEndpoint) -> None:
         self.spec = spec
@@ -215,17 +216,6 @@ class DistKVReceiver(KVReceiver):
         endpoint._add(self)
         self._thread = threading.Thread(target=self._main, name=f"kv-recv-{spec.transfer_id}", daemon=True)
         self._thread.start()
-
-    def poll(self) -> KVPoll:
-        return self.core.poll()
-
-    @property
-    def first_token_id(self) -> int:
-        return self.core.first_token_id
-
-    @property
-    def error(self) -> str | None:
-        return self.core.error
 
     def abort(self) -> None:
         self.core.fail("aborted by the decode side")

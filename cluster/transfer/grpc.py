@@ -25,9 +25,10 @@ import grpc
 import torch
 
 from cluster.protogen import ensure_generated
-from cluster.transfer.base import KVPoll, KVReceiver, TransferError, TransferSpec
+from cluster.transfer.base import KVPoll, TransferError, TransferSpec
 from cluster.transfer.codec import as_bytes
 from cluster.transfer.receiver_core import ReceiverCore
+from cluster.transfer.registered import ReceiverRegistry, RegisteredReceiver
 from cluster.transfer.sender_core import AbortMsg, FinalMsg, LayerMsg, Message, QueuedSender
 
 ensure_generated()
@@ -37,37 +38,10 @@ from pdserve.v1 import worker_pb2_grpc as pb_grpc  # noqa: E402
 DEFAULT_CHUNK_BYTES = 1 << 20  # under gRPC's 4 MiB default message limit; 0.5-1 MiB streamed fastest here
 
 
-class KVTransferRegistry:
-    """transfer_id -> waiting receiver, and the per-stream logic shared by the sync and aio servicers."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._receivers: dict[str, ReceiverCore] = {}
-
-    def register(self, core: ReceiverCore) -> None:
-        with self._lock:
-            if core.spec.transfer_id in self._receivers:
-                raise ValueError(f"transfer {core.spec.transfer_id!r} already has a receiver")
-            self._receivers[core.spec.transfer_id] = core
-
-    def unregister(self, core: ReceiverCore) -> None:
-        with self._lock:
-            if self._receivers.get(core.spec.transfer_id) is core:
-                del self._receivers[core.spec.transfer_id]
-
-    def lookup(self, transfer_id: str) -> ReceiverCore | None:
-        with self._lock:
-            return self._receivers.get(transfer_id)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._receivers)
-
-
 class _PushStream:
     """One PushKV call: feed() each chunk; a returned ack ends the call early."""
 
-    def __init__(self, registry: KVTransferRegistry) -> None:
+    def __init__(self, registry: ReceiverRegistry) -> None:
         self.registry = registry
         self.core: ReceiverCore | None = None
 
@@ -102,11 +76,11 @@ class _PushStream:
             self.core.fail(f"sender gone: {type(exc).__name__}: {exc}")
 
 
-class KVTransferServicer(pb_grpc.WorkerServicer, KVTransferRegistry):
+class KVTransferServicer(pb_grpc.WorkerServicer, ReceiverRegistry):
     """Worker.PushKV for a sync grpc.server; the other Worker methods stay UNIMPLEMENTED here."""
 
     def __init__(self) -> None:
-        KVTransferRegistry.__init__(self)
+        ReceiverRegistry.__init__(self)
 
     def PushKV(self, request_iterator: Iterator[pb.KVChunk], context: grpc.ServicerContext) -> pb.PushKVAck:  # noqa: N802
         stream = _PushStream(self)
@@ -148,35 +122,11 @@ class AsyncKVTransferServicer(KVTransferServicer):
         return await self.push_kv_async(request_iterator, context)
 
 
-class GrpcKVReceiver(KVReceiver):
+class GrpcKVReceiver(RegisteredReceiver):
     def __init__(self, spec: TransferSpec, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
-                 dest_block_ids: list[int], servicer: KVTransferRegistry) -> None:
-        self.spec = spec
-        self.core = ReceiverCore(spec, k_caches, v_caches, dest_block_ids)
+                 dest_block_ids: list[int], servicer: ReceiverRegistry) -> None:
+        super().__init__(spec, k_caches, v_caches, dest_block_ids, servicer)
         self.servicer = servicer
-        servicer.register(self.core)
-
-    def poll(self) -> KVPoll:
-        state = self.core.poll()
-        if state in (KVPoll.FAILED, KVPoll.DONE):
-            self.servicer.unregister(self.core)  # a late or repeated stream is refused
-        return state
-
-    @property
-    def first_token_id(self) -> int:
-        return self.core.first_token_id
-
-    @property
-    def error(self) -> str | None:
-        return self.core.error
-
-    def abort(self) -> None:
-        self.core.fail("aborted by the decode side")
-        self.servicer.unregister(self.core)
-
-    def close(self) -> None:
-        self.core.fail("closed before the transfer finished")
-        self.servicer.unregister(self.core)
 
 
 _channels: dict[str, grpc.Channel] = {}

@@ -10,41 +10,17 @@ checksum; the receiver is then DONE. No receiver registered, or one that failed 
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 
 import torch
 
-from cluster.transfer.base import KVPoll, KVReceiver, TransferError, TransferSpec
-from cluster.transfer.receiver_core import ReceiverCore
+from cluster.transfer.base import TransferError, TransferSpec
+from cluster.transfer.registered import ReceiverRegistry, RegisteredReceiver
 from cluster.transfer.sender_core import FinalMsg, LayerMsg, Message, QueuedSender
 
 
-class LocalChannel:
-    """transfer_id -> the receiver waiting for it."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._receivers: dict[str, ReceiverCore] = {}
-
-    def register(self, core: ReceiverCore) -> None:
-        with self._lock:
-            if core.spec.transfer_id in self._receivers:
-                raise ValueError(f"transfer {core.spec.transfer_id!r} already has a receiver")
-            self._receivers[core.spec.transfer_id] = core
-
-    def unregister(self, core: ReceiverCore) -> None:
-        with self._lock:
-            if self._receivers.get(core.spec.transfer_id) is core:
-                del self._receivers[core.spec.transfer_id]
-
-    def lookup(self, transfer_id: str) -> ReceiverCore | None:
-        with self._lock:
-            return self._receivers.get(transfer_id)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._receivers)
+class LocalChannel(ReceiverRegistry):
+    """transfer_id -> the receiver waiting for it, within one process."""
 
 
 DEFAULT_CHANNEL = LocalChannel()
@@ -76,32 +52,7 @@ class LocalKVSender(QueuedSender):
                 core.on_abort(msg.reason)
 
 
-class LocalKVReceiver(KVReceiver):
+class LocalKVReceiver(RegisteredReceiver):
     def __init__(self, spec: TransferSpec, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
                  dest_block_ids: list[int], channel: LocalChannel | None = None) -> None:
-        self.spec = spec
-        self.core = ReceiverCore(spec, k_caches, v_caches, dest_block_ids)
-        self.channel = channel or DEFAULT_CHANNEL
-        self.channel.register(self.core)
-
-    def poll(self) -> KVPoll:
-        state = self.core.poll()
-        if state == KVPoll.FAILED:
-            self.channel.unregister(self.core)  # the sender's next message finds no one and fails
-        return state
-
-    @property
-    def first_token_id(self) -> int:
-        return self.core.first_token_id
-
-    @property
-    def error(self) -> str | None:
-        return self.core.error
-
-    def abort(self) -> None:
-        self.core.fail("aborted by the decode side")
-        self.channel.unregister(self.core)
-
-    def close(self) -> None:
-        self.core.fail("closed before the transfer finished")  # no-op once DONE
-        self.channel.unregister(self.core)
+        super().__init__(spec, k_caches, v_caches, dest_block_ids, channel or DEFAULT_CHANNEL)

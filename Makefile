@@ -28,7 +28,7 @@ lint: setup
 bench: setup
 	$(PY) -m loadtest.offline_bench --repeat 3 --write BENCHMARKS.md
 	$(PY) -m loadtest.disagg_bench --write BENCHMARKS.md
-	$(PY) -m cluster.transfer.bench --write BENCHMARKS.md
+	$(PY) -m loadtest.transfer_bench --write BENCHMARKS.md
 	$(PY) -m loadtest.transfer_overlap --write BENCHMARKS.md
 
 # Triton kernel timings on a GPU; on a CPU-only machine only the correctness checks run (interpreter).

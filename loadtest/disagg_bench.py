@@ -30,13 +30,12 @@ from cluster.protogen import ensure_generated
 from cluster.request import SamplingParams
 from cluster.worker.client import disaggregated_stream
 from cluster.worker.convert import params_to_pb
+from loadtest.report import write_section
 from loadtest.workers import start_worker
 
 ensure_generated()
 from pdserve.v1 import worker_pb2 as pb  # noqa: E402
 from pdserve.v1 import worker_pb2_grpc as pb_grpc  # noqa: E402
-
-_BEGIN, _END = "<!-- disagg-bench:begin -->", "<!-- disagg-bench:end -->"
 
 
 @dataclass
@@ -171,17 +170,6 @@ def render(results: dict, args) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{_BEGIN}\n{body}\n{_END}"
-    if _BEGIN in text:
-        head, rest = text.split(_BEGIN, 1)
-        text = head + block + rest.split(_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n## Disaggregated vs unified (mixed workload)\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path("models/small"))
@@ -224,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     if args.write:
-        write_section(args.write, body)
+        write_section(args.write, "disagg-bench", "Disaggregated vs unified (mixed workload)", body)
 
 
 if __name__ == "__main__":

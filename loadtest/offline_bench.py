@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-_SECTION_BEGIN = "<!-- offline-bench:begin -->"
-_SECTION_END = "<!-- offline-bench:end -->"
+from loadtest.report import write_section
 
 
 def make_prompts(num_prompts: int, input_len: int, vocab_size: int, seed: int) -> list[list[int]]:
@@ -110,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     if args.write:
-        write_section(args.write, table)
+        write_section(args.write, "offline-bench", "Offline throughput (engine vs transformers)", table)
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -141,17 +140,6 @@ def render(results: dict, args: argparse.Namespace) -> str:
             f"| {label} | {r['output_tokens']} | {r['seconds']:.1f} | {r['output_tok_s']:.0f} | {ratio} | {every} |"
         )
     return "\n".join(lines)
-
-
-def write_section(path: Path, table: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{_SECTION_BEGIN}\n{table}\n{_SECTION_END}"
-    if _SECTION_BEGIN in text:
-        head, rest = text.split(_SECTION_BEGIN, 1)
-        text = head + block + rest.split(_SECTION_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n## Offline throughput (engine vs transformers)\n\n" + block + "\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ from cluster.config import EngineConfig
 from cluster.engine.engine import LLMEngine
 from cluster.request import SamplingParams
 from cluster.transfer import KVPoll, TransferSpec, create_receiver, create_sender
+from loadtest.report import write_section
 
-_BEGIN, _END = "<!-- transfer-overlap:begin -->", "<!-- transfer-overlap:end -->"
 ONE_TOKEN = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
 
 
@@ -110,17 +110,6 @@ def render(r: dict, args) -> str:
     ])
 
 
-def write_section(path: Path, body: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{_BEGIN}\n{body}\n{_END}"
-    if _BEGIN in text:
-        head, rest = text.split(_BEGIN, 1)
-        text = head + block + rest.split(_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n## KV transfer hidden behind prefill compute\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path("models/small"))
@@ -139,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     if args.write:
-        write_section(args.write, body)
+        write_section(args.write, "transfer-overlap", "KV transfer hidden behind prefill compute", body)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Loopback throughput of each KV transport for one realistic request, against raw gloo and a memcpy.
 
-    python -m cluster.transfer.bench [--tokens 2048 --layers 8 --kv-heads 4 --head-dim 64 --reps 5]
+    python -m loadtest.transfer_bench [--tokens 2048 --layers 8 --kv-heads 4 --head-dim 64 --reps 5]
 
 The request: a prompt of --tokens tokens in blocks of 16, fp32, K and V of every layer — 32 MiB for the
 defaults (the `small` preset's KV shape). Each row moves those bytes once per repetition, after a
@@ -31,6 +31,7 @@ import torch
 from cluster.transfer import KVPoll, TransferSpec, create_receiver, create_sender
 from cluster.transfer.pair_group import make_pair_group
 from cluster.transfer.peer import SenderProcess, job
+from loadtest.report import write_section
 
 MiB = 1 << 20
 
@@ -220,33 +221,21 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
     for name, ms, gbs in rows:
         print(f"{name:<24}{ms:>10.1f}{gbs:>10.2f}{gbs / gloo:>9.0%}")
     if args.write:
-        _write_section(args, rows, nbytes)
+        write_section(args.write, "transfer-bench", "KV transfer transports", _table(args, rows, nbytes))
     return rows
 
 
-def _write_section(args: argparse.Namespace, rows: list[tuple[str, float, float]], nbytes: int) -> None:
-    from pathlib import Path
-
-    begin, end = "<!-- transfer-bench:begin -->", "<!-- transfer-bench:end -->"
+def _table(args: argparse.Namespace, rows: list[tuple[str, float, float]], nbytes: int) -> str:
     gloo = rows[1][2]
-    body = [
+    return "\n".join([
         f"Date: {datetime.date.today()} · {args.tokens} tokens x {args.layers} layers x {args.kv_heads} KV heads x "
         f"head_dim {args.head_dim}, fp32 = {nbytes / MiB:.0f} MiB on loopback · median of {args.rounds} x "
-        f"{args.reps} · command: `python -m cluster.transfer.bench`",
+        f"{args.reps} · command: `python -m loadtest.transfer_bench`",
         "",
         "| path | ms | GB/s | vs raw gloo |",
         "|---|---:|---:|---:|",
         *(f"| {name} | {ms:.1f} | {gbs:.2f} | {gbs / gloo:.0%} |" for name, ms, gbs in rows),
-    ]
-    path = Path(args.write)
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{begin}\n" + "\n".join(body) + f"\n{end}"
-    if begin in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n## KV transfer transports\n\n" + block + "\n"
-    path.write_text(text)
+    ])
 
 
 if __name__ == "__main__":

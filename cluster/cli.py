@@ -4,6 +4,7 @@
     pdserve generate --model models/tiny --input prompts.jsonl --output results.jsonl
     pdserve up            # embedded defaults: tiny model (made if missing), local Ray, prefill + decode workers
     pdserve worker --role decode --model models/tiny     # one worker as a plain process
+    pdserve worker --role simulated --ttft-ms 50 --itl-ms 10   # no model: tokens on a timer
 """
 
 from __future__ import annotations
@@ -40,12 +41,15 @@ def main(argv: list[str] | None = None) -> int:
 
     up = commands.add_parser("up", help="bring pdserve up on embedded defaults")
     _add_engine_args(up, model_required=False)
-    _add_sampling_args(up)
-    up.add_argument("--once", action="store_true", help="run the demo request and exit instead of serving")
+    up.add_argument("--once", action="store_true", help="make one chat request through the router and exit")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
 
-    worker = commands.add_parser("worker", help="run one worker (prefill, decode or unified) as a plain process")
-    _add_engine_args(worker)
-    worker.add_argument("--role", choices=["prefill", "decode", "unified"], required=True)
+    worker = commands.add_parser("worker", help="run one worker (prefill, decode, unified or simulated) as a plain process")
+    # --model is required, except by the simulated role: checked after parsing, below.
+    _add_engine_args(worker, model_required=False)
+    worker.set_defaults(model=None)
+    worker.add_argument("--role", choices=["prefill", "decode", "unified", "simulated"], required=True)
     worker.add_argument("--host", default="127.0.0.1")
     worker.add_argument("--port", type=int, default=0, help="0 = any free port (printed as 'READY host:port')")
     worker.add_argument("--kv-transport", choices=["grpc", "dist", "local"], default="grpc")
@@ -54,9 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (ranks > 0 run as child processes)")
     worker.add_argument("--prefill-tp", type=int, default=1,
                         help="decode role: TP size of the prefill workers sending here, when a request doesn't say")
+    _add_simulated_args(worker)
 
     args = parser.parse_args(argv)
     if args.command == "worker":
+        if args.role == "simulated":
+            return _simulated_worker(args)
+        if args.model is None:
+            worker.error("the following arguments are required: --model")
         return _worker(args)
     if args.command == "make-model":
         return _make_model(args)
@@ -74,6 +83,19 @@ def _add_engine_args(p: argparse.ArgumentParser, model_required: bool = True) ->
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-memory-gib", type=float, default=2.0)
     p.add_argument("--attention-backend", default="auto")
+
+
+def _add_simulated_args(p: argparse.ArgumentParser) -> None:
+    sim = p.add_argument_group("simulated role", "no model: tokens on a timer (cluster/worker/simulated.py)")
+    sim.add_argument("--ttft-ms", type=float, default=50.0, help="time to the first token")
+    sim.add_argument("--itl-ms", type=float, default=10.0, help="time between tokens")
+    sim.add_argument("--prefill-ms-per-token", type=float, default=0.0, help="added to the TTFT per prompt token")
+    sim.add_argument("--transfer-ms", type=float, default=0.0,
+                     help="decode side of a disaggregated request: the KV transfer after the prefill")
+    sim.add_argument("--max-concurrency", type=int, default=0,
+                     help="requests in flight before RESOURCE_EXHAUSTED (0 = unlimited)")
+    sim.add_argument("--vocab-size", type=int, default=32000)
+    sim.add_argument("--eos-token-id", type=int, default=None, help="stop on this token unless ignore_eos (default: never)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -132,56 +154,41 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    """Local Ray, one prefill and one decode worker actor on the tiny model (made if missing), a demo
-    request through them, then serve until Ctrl-C (or exit at once with --once)."""
-    import os
-
-    if not (args.model / "config.json").exists():
-        from cluster.model.presets import make_model
-
-        print(f"making the tiny model in {args.model} ...", file=sys.stderr)
-        make_model("tiny", args.model)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import grpc
-    import ray
-
     from cluster.config import EngineConfig
-    from cluster.model.tokenizer import Tokenizer
-    from cluster.protogen import ensure_generated
-    from cluster.worker.actor import start_worker_actor
-    from cluster.worker.client import disaggregated_stream
+    from cluster.up import run_up
 
-    ensure_generated()
-    from pdserve.v1 import worker_pb2_grpc as pb_grpc
-
-    ray.init(include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False)
     config = EngineConfig(dtype=args.dtype, max_num_seqs=args.max_num_seqs, kv_cache_memory_gib=args.kv_cache_memory_gib,
                           max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
                           num_threads=1)
-    try:
-        # Keep the handles: Ray ends an unnamed actor once no handle to it is left.
-        (prefill_actor, prefill_addr), (decode_actor, decode_addr) = (
-            start_worker_actor(role, args.model, config, num_cpus=0.5) for role in ("prefill", "decode"))
-        print(f"prefill worker: {prefill_addr}\ndecode worker:  {decode_addr}", file=sys.stderr)
-        tokenizer = Tokenizer.from_dir(args.model)
-        with grpc.insecure_channel(prefill_addr) as p_ch, grpc.insecure_channel(decode_addr) as d_ch:
-            prefill, decode = pb_grpc.WorkerStub(p_ch), pb_grpc.WorkerStub(d_ch)
-            for i, prompt in enumerate(_DEMO_PROMPTS):
-                tokens = [t for event in disaggregated_stream(prefill, decode, f"demo-{i}", tokenizer.encode(prompt),
-                                                              _sampling(args)) for t in event.token_ids]
-                print(json.dumps({"prompt": prompt, "text": tokenizer.decode(tokens), "num_tokens": len(tokens)},
-                                 ensure_ascii=False))
-        if args.once:
-            return 0
-        print(f"pdserve is up: {prefill_actor} -> {decode_actor} over gRPC, on Ray; Ctrl-C stops it",
-              file=sys.stderr)
-        import threading
+    return run_up(args.model, args.host, args.port, config, args.once)
 
-        threading.Event().wait()
-    except KeyboardInterrupt:
+
+def _simulated_worker(args: argparse.Namespace) -> int:
+    """No model, no torch: the simulated servicer on asyncio, until SIGTERM or Ctrl-C."""
+    import asyncio
+    import logging
+
+    from cluster.worker.simulated import SimConfig, serve_simulated
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = SimConfig(
+        ttft_s=args.ttft_ms / 1e3, itl_s=args.itl_ms / 1e3, prefill_s_per_token=args.prefill_ms_per_token / 1e3,
+        transfer_s=args.transfer_ms / 1e3, max_concurrency=args.max_concurrency, vocab_size=args.vocab_size,
+        eos_token_id=args.eos_token_id, model=args.model.name if args.model else "simulated",
+    )
+
+    async def main() -> None:
+        ports: list[int] = []
+        ready = asyncio.Event()
+        task = asyncio.create_task(serve_simulated(config, args.host, args.port, ready, ports))
+        await ready.wait()
+        print(f"READY {args.host}:{ports[0]}", flush=True)
+        await task
+
+    try:
+        asyncio.run(main())
+    except (KeyboardInterrupt, asyncio.CancelledError):
         pass
-    finally:
-        ray.shutdown()
     return 0
 
 

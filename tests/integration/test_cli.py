@@ -32,17 +32,22 @@ def test_generate_rejects_a_line_without_a_prompt(tmp_path, tiny_model_dir):
         main(["generate", "--model", str(tiny_model_dir), "--input", str(prompts)])
 
 
-def test_up_brings_up_ray_workers_and_serves_the_demo(tmp_path):
+def test_up_serves_a_chat_request_through_the_router(tmp_path):
     import os
+    import socket
     import subprocess
     import sys
 
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     model = tmp_path / "tiny"
     proc = subprocess.run([sys.executable, "-m", "cluster.cli", "up", "--once", "--model", str(model),
-                           "--max-tokens", "6", "--kv-cache-memory-gib", "0.05"],
+                           "--port", str(port), "--kv-cache-memory-gib", "0.05"],
                           capture_output=True, text=True, timeout=240,
                           env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 4 and all(r["num_tokens"] >= 1 for r in rows)
+    response = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
+    assert response["object"] == "chat.completion" and response["model"] == "tiny"
+    assert response["usage"]["completion_tokens"] >= 1 and response["choices"][0]["message"]["role"] == "assistant"
     assert (model / "config.json").exists()  # it made the tiny model itself

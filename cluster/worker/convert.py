@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from cluster.parallel.destination import KVDestination, KVTarget
+from typing import TYPE_CHECKING
+
 from cluster.protogen import ensure_generated
 from cluster.request import FinishReason, SamplingParams
+
+if TYPE_CHECKING:  # cluster.parallel imports torch; the simulated worker uses this module without it
+    from cluster.parallel.destination import KVDestination
 
 ensure_generated()
 from pdserve.v1 import worker_pb2 as pb  # noqa: E402
@@ -71,6 +75,8 @@ def destination_to_pb(destination: KVDestination) -> pb.KVDestination:
 
 
 def destination_from_pb(msg: pb.KVDestination) -> KVDestination:
+    from cluster.parallel.destination import KVDestination, KVTarget
+
     return KVDestination(
         transport=msg.transport, first_block_index=msg.first_block_index, num_blocks=msg.num_blocks,
         lease_seconds=msg.lease_seconds,

@@ -21,6 +21,7 @@ from cluster.protogen import ensure_generated
 from cluster.worker import convert
 from cluster.worker.decode import NoRoomError, decode
 from cluster.worker.engine_loop import EngineLoop
+from cluster.worker.grpc_options import SERVER_OPTIONS
 from cluster.worker.prefill import prefill
 
 ensure_generated()
@@ -156,7 +157,7 @@ async def serve(engine: LLMEngine, role: str, model: str, host: str = "127.0.0.1
     """Serve until cancelled. Binds host:port (0 = any free port, reported through `port_out`).
 
     A TP engine (launch_tp_engine) passes its other ranks' KV addresses as `kv_peer_addresses`."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20), *SERVER_OPTIONS])
     bound = server.add_insecure_port(f"{host}:{port}")
     address = f"{host}:{bound}"
     kv_servicer = None

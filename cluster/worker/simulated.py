@@ -39,6 +39,7 @@ import grpc
 from cluster.protogen import ensure_generated
 from cluster.request import SamplingParams
 from cluster.worker.convert import params_from_pb
+from cluster.worker.grpc_options import SERVER_OPTIONS
 
 ensure_generated()
 from pdserve.v1 import worker_pb2 as pb  # noqa: E402
@@ -49,11 +50,6 @@ logger = logging.getLogger(__name__)
 ROLE = "simulated"
 RETRY_AFTER_S = "1"
 BLOCK_SIZE = 16  # only to fill KVDestination.num_blocks plausibly
-# gRPC core cancels calls that wait for the application to pick them up once more than 1000 are
-# pending (soft limit, randomly) or 3000 (hard): a burst of thousands of new streams hits that while
-# the event loop is busy. Admission here is ours (max_concurrency), so lift core's.
-SERVER_OPTIONS = (("grpc.server.max_pending_requests", 1 << 20),
-                  ("grpc.server.max_pending_requests_hard_limit", 1 << 20))
 
 
 @dataclass(frozen=True)

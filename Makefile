@@ -30,6 +30,7 @@ bench: setup
 	$(PY) -m loadtest.disagg_bench --write BENCHMARKS.md
 	$(PY) -m loadtest.transfer_bench --write BENCHMARKS.md
 	$(PY) -m loadtest.transfer_overlap --write BENCHMARKS.md
+	$(PY) -m loadtest.router_capacity --write BENCHMARKS.md
 
 # Triton kernel timings on a GPU; on a CPU-only machine only the correctness checks run (interpreter).
 bench-kernels: setup

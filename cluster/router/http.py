@@ -21,10 +21,10 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from cluster.engine.detokenizer import IncrementalDetokenizer
 from cluster.router.dispatch import ModelPool
-from cluster.router.errors import APIError, bad_request, not_found
+from cluster.router.errors import APIError, bad_request
 from cluster.router.schema import ParsedRequest, parse_chat, parse_completion
+from cluster.router.textgen import chat_prompt_token_ids, find_pool, prompt_token_ids, text_events
 
 logger = logging.getLogger(__name__)
 
@@ -69,19 +69,14 @@ def create_app(pools: dict[str, ModelPool]) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         parsed = parse_completion(await _json_body(request))
-        pool = _pool(pools, parsed.model)
-        prompt = parsed.prompt
-        prompt_ids = pool.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        _check_token_ids(prompt_ids, pool)
-        return await _respond(pool, parsed, prompt_ids, chat=False)
+        pool = find_pool(pools, parsed.model)
+        return await _respond(pool, parsed, prompt_token_ids(pool, parsed.prompt), chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         parsed = parse_chat(await _json_body(request))
-        pool = _pool(pools, parsed.model)
-        text = pool.tokenizer.apply_chat_template(parsed.messages, add_generation_prompt=True)
-        prompt_ids = pool.tokenizer.encode(text, add_special_tokens=False)  # the template wrote its own BOS
-        return await _respond(pool, parsed, prompt_ids, chat=True)
+        pool = find_pool(pools, parsed.model)
+        return await _respond(pool, parsed, chat_prompt_token_ids(pool, parsed.messages), chat=True)
 
     return app
 
@@ -96,22 +91,9 @@ async def _json_body(request: Request):
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
 
 
-def _pool(pools: dict[str, ModelPool], model: str) -> ModelPool:
-    pool = pools.get(model)
-    if pool is None:
-        raise not_found(f"the model {model!r} does not exist", "model")
-    return pool
-
-
-def _check_token_ids(prompt_ids: list[int], pool: ModelPool) -> None:
-    vocab = pool.tokenizer.vocab_size
-    if any(t < 0 or t >= vocab for t in prompt_ids):
-        raise bad_request(f"prompt token ids must be in [0, {vocab})", "prompt")
-
-
 async def _respond(pool: ModelPool, parsed: ParsedRequest, prompt_ids: list[int], chat: bool) -> Response:
     request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-    events = _text_events(pool, request_id, prompt_ids, parsed)
+    events = text_events(pool, request_id, prompt_ids, parsed.params)
     first = await anext(events)  # errors before the first token still become proper HTTP errors
     if parsed.stream:
         return StreamingResponse(_sse(request_id, pool.name, chat, parsed, prompt_ids, first, events),
@@ -127,17 +109,6 @@ async def _respond(pool: ModelPool, parsed: ParsedRequest, prompt_ids: list[int]
         "id": request_id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
         "model": pool.name, "choices": [choice], "usage": _usage(len(prompt_ids), tokens),
     })
-
-
-async def _text_events(pool: ModelPool, request_id: str, prompt_ids: list[int], parsed: ParsedRequest,
-                       ) -> AsyncIterator[tuple[str, list[int], str | None]]:
-    """(text delta, token ids, finish reason or None) per worker message."""
-    detok = IncrementalDetokenizer(pool.tokenizer.backend, prompt_ids, stop=parsed.params.stop)
-    async for token_ids, finish in pool.generate(request_id, prompt_ids, parsed.params):
-        delta = detok.update(token_ids) if token_ids else ""
-        if finish is not None and detok.stop_string_hit is None:
-            delta += detok.finish()
-        yield delta, token_ids, (finish.value if finish is not None else None)
 
 
 async def _sse(request_id: str, model: str, chat: bool, parsed: ParsedRequest, prompt_ids: list[int],

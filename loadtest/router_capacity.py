@@ -113,7 +113,7 @@ def _row(res: dict) -> str:
 def render(results: list[dict], args, cores: int) -> str:
     steps = ",".join(map(str, args.steps))
     lines = [
-        f"Date: {datetime.date.today()} · {cores} cores (shared with other work) · simulated prefill + decode "
+        f"Date: {datetime.date.today()} · {cores} cores · simulated prefill + decode "
         f"worker (TTFT {args.ttft_ms:g} ms, ITL {args.itl_ms:g} ms) on core 1, the router (one uvicorn process, "
         f"asyncio loop, h11) on core 0, the client unpinned · {args.max_tokens} tokens per stream, all N "
         f"started at once · command: `python -m loadtest.router_capacity --steps {steps} "

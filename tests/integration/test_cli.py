@@ -51,3 +51,49 @@ def test_up_serves_a_chat_request_through_the_router(tmp_path):
     assert response["object"] == "chat.completion" and response["model"] == "tiny"
     assert response["usage"]["completion_tokens"] >= 1 and response["choices"][0]["message"]["role"] == "assistant"
     assert (model / "config.json").exists()  # it made the tiny model itself
+
+
+def test_up_serves_until_sigterm_and_leaves_no_process_behind(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import openai
+    import psutil
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "up", "--model", str(tmp_path / "tiny"),
+                             "--port", str(port), "--kv-cache-memory-gib", "0.05"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, "pdserve up exited before it was ready"
+            time.sleep(0.5)
+        chat = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=5)
+        assert chat.choices[0].message.content is not None and chat.usage.completion_tokens >= 1
+        started = psutil.Process(proc.pid).children(recursive=True)
+        assert started, "Ray and the workers run as child processes"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    _, alive = psutil.wait_procs(started, timeout=30)
+    assert not alive, f"left behind: {[p.pid for p in alive]}"

@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_engine_args(up, model_required=False)
     up.add_argument("--once", action="store_true", help="make one chat request through the router and exit")
     up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--port", type=int, default=8000, help="the OpenAI HTTP API")
+    up.add_argument("--grpc-port", type=int, default=50051, help="the gRPC API (serving.proto)")
 
     worker = commands.add_parser("worker", help="run one worker (prefill, decode, unified or simulated) as a plain process")
     # --model is required, except by the simulated role: checked after parsing, below.
@@ -160,7 +161,7 @@ def _up(args: argparse.Namespace) -> int:
     config = EngineConfig(dtype=args.dtype, max_num_seqs=args.max_num_seqs, kv_cache_memory_gib=args.kv_cache_memory_gib,
                           max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
                           num_threads=1)
-    return run_up(args.model, args.host, args.port, config, args.once)
+    return run_up(args.model, args.host, args.port, config, args.once, args.grpc_port)
 
 
 def _simulated_worker(args: argparse.Namespace) -> int:

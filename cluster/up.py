@@ -2,12 +2,13 @@
 
 Makes the tiny model if the model directory is empty, starts local Ray, one prefill and one decode
 worker actor (KV over gRPC) and the OpenAI-compatible router on host:port, prints how to call it, and
-serves until Ctrl-C or SIGTERM (uvicorn handles both), then shuts Ray — and with it every worker it
-started — down. `--once` instead makes one chat request through the router, prints it, and exits.
+serves the OpenAI HTTP API and the gRPC API (serving.proto) until Ctrl-C or SIGTERM (uvicorn handles
+both), then shuts Ray — and with it every worker it started — down. `--once` instead makes one chat request through the router, prints it, and exits.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 from cluster.config import EngineConfig
 
 
-def run_up(model_dir: Path, host: str, port: int, config: EngineConfig, once: bool) -> int:
+def run_up(model_dir: Path, host: str, port: int, config: EngineConfig, once: bool, grpc_port: int = 50051) -> int:
     if not (model_dir / "config.json").exists():
         from cluster.model.presets import make_model
 
@@ -46,11 +47,23 @@ def run_up(model_dir: Path, host: str, port: int, config: EngineConfig, once: bo
         base = f"http://{host}:{port}"
         if once:
             return _once(server, base, name)
-        print(_how_to_call(base, name), file=sys.stderr)
-        server.run()  # until Ctrl-C / SIGTERM
+        asyncio.run(_serve(server, {name: pool}, host, grpc_port))
         return 0
     finally:
         ray.shutdown()
+
+
+async def _serve(server, pools: dict, host: str, grpc_port: int) -> None:
+    """HTTP and gRPC on one event loop until Ctrl-C / SIGTERM (uvicorn catches both and returns)."""
+    from cluster.router.grpc_api import serve_grpc
+
+    grpc_server, bound = await serve_grpc(pools, host, grpc_port)
+    model = next(iter(pools))
+    print(_how_to_call(f"http://{host}:{server.config.port}", model, f"{host}:{bound}"), file=sys.stderr)
+    try:
+        await server.serve()
+    finally:
+        await grpc_server.stop(1.0)
 
 
 def _once(server, base: str, model: str) -> int:
@@ -72,8 +85,9 @@ def _once(server, base: str, model: str) -> int:
         thread.join(10)
 
 
-def _how_to_call(base: str, model: str) -> str:
+def _how_to_call(base: str, model: str, grpc_address: str) -> str:
     return f"""pdserve is up at {base} serving {model!r} (prefill -> decode over gRPC, on Ray). Ctrl-C stops it.
+The gRPC API (protos/pdserve/v1/serving.proto, with health checking and reflection) is on {grpc_address}.
 
   curl {base}/v1/chat/completions -H 'content-type: application/json' \\
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 32}}'

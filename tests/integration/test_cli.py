@@ -65,11 +65,14 @@ def test_up_serves_until_sigterm_and_leaves_no_process_behind(tmp_path):
     import openai
     import psutil
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    port, grpc_port = ports
     proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "up", "--model", str(tmp_path / "tiny"),
-                             "--port", str(port), "--kv-cache-memory-gib", "0.05"],
+                             "--port", str(port), "--grpc-port", str(grpc_port), "--kv-cache-memory-gib", "0.05"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     base = f"http://127.0.0.1:{port}"
@@ -86,6 +89,12 @@ def test_up_serves_until_sigterm_and_leaves_no_process_behind(tmp_path):
         chat = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0).chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=5)
         assert chat.choices[0].message.content is not None and chat.usage.completion_tokens >= 1
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
         started = psutil.Process(proc.pid).children(recursive=True)
         assert started, "Ray and the workers run as child processes"
     finally:

@@ -12,15 +12,14 @@ a chunk with no cached context attends to its own fresh k/v, otherwise to the ca
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
 from cluster.attention.metadata import AttentionMetadata
+from cluster.attention.paged_cache import PagedKVCache
 
 
-class TorchAttentionBackend:
+class TorchAttentionBackend(PagedKVCache):
     def __init__(
         self,
         num_layers: int,
@@ -33,23 +32,9 @@ class TorchAttentionBackend:
         scale: float | None = None,
         decode_kernel=None,
     ) -> None:
-        self.num_layers = num_layers
-        self.num_blocks = num_blocks
-        self.block_size = block_size
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.scale = head_dim**-0.5 if scale is None else scale
+        super().__init__(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device, scale)
         # Optional fused op with the signature of kernels.cpu_decode.paged_decode_reference.
         self.decode_kernel = decode_kernel
-        # Called with the layer index once a layer's new K/V are in the cache (KV transfer hooks here).
-        self.layer_listener: Callable[[int], None] | None = None
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.k_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-
-    @property
-    def bytes_per_block(self) -> int:
-        return 2 * self.num_layers * self.k_caches[0][0].numel() * self.k_caches[0].element_size()
 
     def write_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Scatter the step's new K/V ([T, Hkv, D]) into their cache slots."""

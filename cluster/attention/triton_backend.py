@@ -12,12 +12,12 @@ are defined).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from cluster.attention.metadata import AttentionMetadata
+from cluster.attention.paged_cache import PagedKVCache
 from kernels.triton_cache import write_kv_cache
 from kernels.triton_decode import paged_decode_attention
 from kernels.triton_prefill import prefill_attention
@@ -33,7 +33,7 @@ class _StepArgs:
     max_query_len: int
 
 
-class TritonAttentionBackend:
+class TritonAttentionBackend(PagedKVCache):
     def __init__(
         self,
         num_layers: int,
@@ -46,23 +46,9 @@ class TritonAttentionBackend:
         scale: float | None = None,
         num_splits: int | None = None,  # split-K for decode; None = chosen per step from the shape
     ) -> None:
-        self.num_layers = num_layers
-        self.num_blocks = num_blocks
-        self.block_size = block_size
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.scale = head_dim**-0.5 if scale is None else scale
+        super().__init__(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device, scale)
         self.num_splits = num_splits
-        # Called with the layer index once a layer's new K/V are in the cache (KV transfer hooks here).
-        self.layer_listener: Callable[[int], None] | None = None
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.k_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self._step: _StepArgs | None = None
-
-    @property
-    def bytes_per_block(self) -> int:
-        return 2 * self.num_layers * self.k_caches[0][0].numel() * self.k_caches[0].element_size()
 
     def write_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Scatter the step's new K/V ([T, Hkv, D]) into their cache slots."""

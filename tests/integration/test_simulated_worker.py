@@ -9,7 +9,6 @@ makes everything slower, never faster.
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from cluster.request import SamplingParams
 from cluster.worker.client import disaggregated_generate
 from cluster.worker.convert import params_to_pb
 from cluster.worker.simulated import SimConfig, simulated_tokens, start_simulated
+from loadtest.workers import start_cli_worker
 
 ensure_generated()
 from pdserve.v1 import worker_pb2 as pb  # noqa: E402
@@ -32,18 +32,8 @@ TTFT_MS, ITL_MS, PER_TOKEN_MS, TRANSFER_MS = 60.0, 20.0, 1.0, 10.0
 
 
 def start_simulated_process(*flags: str) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "cluster.cli", "worker", "--role", "simulated", "--vocab-size", str(VOCAB), *flags]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if line.startswith("READY "):
-            return proc, line.split()[1]
-        if proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError("simulated worker did not start")
+    w = start_cli_worker(["--role", "simulated", "--vocab-size", str(VOCAB), *flags], timeout=30)
+    return w.proc, w.address
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,9 @@ Then the prefill worker is stopped (SIGTERM: it stops its rank 1) and the decode
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from cluster.engine.engine import LLMEngine
 from cluster.protogen import ensure_generated
 from cluster.request import SamplingParams
 from cluster.worker.convert import params_to_pb
+from loadtest.workers import start_cli_worker
 
 ensure_generated()
 from pdserve.v1 import worker_pb2 as pb  # noqa: E402
@@ -33,19 +32,9 @@ GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 
 
 def start_worker(model_dir, role: str, *extra: str) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "cluster.cli", "worker", "--role", role, "--model", str(model_dir),
-           "--num-kv-blocks", "96", "--threads", "1", "--kv-transport", "grpc", "--dtype", "float32", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if line.startswith("READY "):
-            return proc, line.split()[1]
-        if proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError(f"{role} worker did not start")
+    w = start_cli_worker(["--role", role, "--model", str(model_dir), "--num-kv-blocks", "96", "--threads", "1",
+                          "--kv-transport", "grpc", "--dtype", "float32", *extra], timeout=90)
+    return w.proc, w.address
 
 
 def children(pid: int) -> list[int]:

@@ -8,11 +8,8 @@ rest. The greedy tokens must equal a unified in-process engine's on the same che
 
 from __future__ import annotations
 
-import os
 import random
 import subprocess
-import sys
-import time
 
 import grpc
 import pytest
@@ -22,6 +19,7 @@ from cluster.engine.engine import LLMEngine
 from cluster.protogen import ensure_generated
 from cluster.request import SamplingParams
 from cluster.worker.convert import params_to_pb
+from loadtest.workers import start_cli_worker
 
 ensure_generated()
 from pdserve.v1 import worker_pb2 as pb  # noqa: E402
@@ -31,19 +29,9 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
 
 def start_worker(model_dir, role: str, transport: str) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "cluster.cli", "worker", "--role", role, "--model", str(model_dir),
-           "--num-kv-blocks", "256", "--threads", "1", "--kv-transport", transport, "--dtype", "float32"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if line.startswith("READY "):
-            return proc, line.split()[1]
-        if proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError(f"{role} worker did not start")
+    w = start_cli_worker(["--role", role, "--model", str(model_dir), "--num-kv-blocks", "256", "--threads", "1",
+                          "--kv-transport", transport, "--dtype", "float32"], timeout=60)
+    return w.proc, w.address
 
 
 @pytest.fixture(scope="module", params=["grpc", "dist"])

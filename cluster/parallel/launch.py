@@ -26,6 +26,7 @@ import contextlib
 import ctypes
 import datetime
 import logging
+import os
 import signal
 import sys
 import time
@@ -116,11 +117,18 @@ def _spawned_follower(*args) -> None:
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s tp-rank{args[0]} %(levelname)s %(name)s: %(message)s")
+    code = 0
     try:
         run_follower(*args)
     except Exception:  # a start-up error, or rank 0 gone (the group reports the closed connection)
         logger.exception("TP rank %s exits", args[0])
-        sys.exit(1)
+        code = 1
+    # Skip interpreter teardown: destroying gloo's still-running C++ threads there can abort the
+    # process ("terminate called without an active exception") after a clean STOP.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class TPHandle:

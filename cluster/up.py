@@ -1,69 +1,119 @@
 """`pdserve up`: the whole cluster on embedded defaults, in one command.
 
-Makes the tiny model if the model directory is empty, starts local Ray, one prefill and one decode
-worker actor (KV over gRPC) and the OpenAI-compatible router on host:port, prints how to call it, and
-serves the OpenAI HTTP API and the gRPC API (serving.proto) until Ctrl-C or SIGTERM (uvicorn handles
-both), then shuts Ray — and with it every worker it started — down. `--once` instead makes one chat request through the router, prints it, and exits.
+What happens, in order: each model directory without a checkpoint gets the tiny preset made in it →
+the shared state starts (an embedded Redis on a unix socket under `run_dir`, unless `redis_url`
+names one) → local Ray → every model's pools as worker actors (one prefill and one decode worker
+each by default, or unified workers with `--unified`), each registering itself in Redis → the router
+(OpenAI HTTP and the gRPC API of serving.proto on one event loop) finds them there →
+with `autoscaling_policy` set, the autoscaler (cluster/autoscale/) adopts those workers and scales
+each pool from then on → `run_dir/up.json` records the addresses and the Redis URL for `pdserve status` → it prints how to
+call it and serves until Ctrl-C or SIGTERM (uvicorn catches both), then stops the router, Ray (and
+with it every worker) and Redis, and removes up.json. `--once` instead makes one chat request
+through the router, prints it, and exits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from cluster.config import EngineConfig
+from cluster.config import ClusterConfig
 
 
-def run_up(model_dir: Path, host: str, port: int, config: EngineConfig, once: bool, grpc_port: int = 50051) -> int:
-    if not (model_dir / "config.json").exists():
-        from cluster.model.presets import make_model
+def with_cli_overrides(config: ClusterConfig, *, model: Path | None, unified: bool, host: str | None,
+                       port: int | None, grpc_port: int | None, engine: dict) -> ClusterConfig:
+    """The config file's values, with what was given on the command line winning."""
+    models = config.models
+    if model is not None:
+        models = [replace(models[0], path=str(model), name=None)]
+    if unified:
+        models = [replace(m, mode="unified") for m in models]
+    listen = {k: v for k, v in (("host", host), ("port", port), ("grpc_port", grpc_port)) if v is not None}
+    engine_overrides = {k: v for k, v in engine.items() if v is not None}
+    return replace(config, models=models, engine=replace(config.engine, **engine_overrides), **listen)
 
-        print(f"making the tiny model in {model_dir} ...", file=sys.stderr)
-        make_model("tiny", model_dir)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
+
+def run_up(config: ClusterConfig, once: bool) -> int:
+    _make_missing_models(config)
     import uvicorn
 
+    from cluster.local_cluster import LocalCluster
+    from cluster.router.http import create_app
+
+    cluster = LocalCluster(config)
+    run_file = Path(config.run_dir) / "up.json"
+    autoscaler = None
+    try:
+        cluster.start(progress=lambda line: print(line, file=sys.stderr))
+        if config.autoscaling_policy:
+            from cluster.autoscale.policy import PolicyFile
+            from cluster.autoscale.service import start_autoscaler
+
+            autoscaler = start_autoscaler(PolicyFile(config.autoscaling_policy), config, cluster.redis_url,
+                                          workers=cluster.workers)
+        router = build_router(config, cluster)
+        server = uvicorn.Server(uvicorn.Config(create_app(router), host=config.host, port=config.port,
+                                               log_level="warning"))
+        base = f"http://{config.host}:{config.port}"
+        model = config.models[0].served_name
+        if once:
+            return _once(server, base, model)
+        return asyncio.run(_serve(server, router, config, cluster.redis_url, run_file))
+    finally:
+        run_file.unlink(missing_ok=True)
+        if autoscaler is not None:
+            autoscaler.stop()
+        cluster.stop()
+
+
+def build_router(config: ClusterConfig, cluster):
+    """The router over every model's pools; workers are found through Redis as they register."""
     from cluster.model.arch import ModelArchConfig
     from cluster.model.tokenizer import Tokenizer
+    from cluster.router.core import Router
     from cluster.router.dispatch import ModelPool
-    from cluster.router.http import create_app
-    from cluster.worker.actor import start_worker_actor
 
-    ray.init(include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False)
-    try:
-        # Keep the handles: Ray ends an unnamed actor once no handle to it is left.
-        actors = [start_worker_actor(role, model_dir, config, num_cpus=0.5) for role in ("prefill", "decode")]
-        name = model_dir.name
-        arch = ModelArchConfig.from_dir(model_dir)
-        pool = ModelPool(name, Tokenizer.from_dir(model_dir), config.max_model_len or arch.max_position_embeddings,
-                         prefill=[actors[0][1]], decode=[actors[1][1]])
-        server = uvicorn.Server(uvicorn.Config(create_app({name: pool}), host=host, port=port, log_level="warning"))
-        base = f"http://{host}:{port}"
-        if once:
-            return _once(server, base, name)
-        asyncio.run(_serve(server, {name: pool}, host, grpc_port))
-        return 0
-    finally:
-        ray.shutdown()
+    pools = {}
+    for m in config.models:
+        engine = m.engine_config(config.engine, m.decode_tp)
+        arch = ModelArchConfig.from_dir(m.path)
+        pools[m.served_name] = ModelPool(
+            m.served_name, Tokenizer.from_dir(m.path), engine.max_model_len or arch.max_position_embeddings,
+            prefill=cluster.addresses(m.served_name, "prefill"), decode=cluster.addresses(m.served_name, "decode"),
+            unified=cluster.addresses(m.served_name, "unified"), min_prefill_tokens=m.min_prefill_tokens,
+            kv_lease_seconds=m.kv_lease_seconds)
+    return Router.from_config(pools, config.router, redis_url=cluster.redis_url)
 
 
-async def _serve(server, pools: dict, host: str, grpc_port: int) -> None:
+def _make_missing_models(config: ClusterConfig) -> None:
+    for m in config.models:
+        if not (Path(m.path) / "config.json").exists():
+            from cluster.model.presets import make_model
+
+            print(f"making the tiny model in {m.path} ...", file=sys.stderr)
+            make_model("tiny", Path(m.path))
+
+
+async def _serve(server, router, config: ClusterConfig, redis_url: str, run_file: Path) -> int:
     """HTTP and gRPC on one event loop until Ctrl-C / SIGTERM (uvicorn catches both and returns)."""
     from cluster.router.grpc_api import serve_grpc
 
-    grpc_server, bound = await serve_grpc(pools, host, grpc_port)
-    model = next(iter(pools))
-    print(_how_to_call(f"http://{host}:{server.config.port}", model, f"{host}:{bound}"), file=sys.stderr)
+    grpc_server, bound = await serve_grpc(router, config.host, config.grpc_port)
+    base, grpc_address = f"http://{config.host}:{server.config.port}", f"{config.host}:{bound}"
+    run_file.parent.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps({"http": base, "grpc": grpc_address, "redis_url": redis_url,
+                                    "models": [m.served_name for m in config.models]}))
+    print(_how_to_call(base, config.models[0].served_name, grpc_address), file=sys.stderr)
     try:
         await server.serve()
     finally:
         await grpc_server.stop(1.0)
+    return 0
 
 
 def _once(server, base: str, model: str) -> int:
@@ -75,6 +125,8 @@ def _once(server, base: str, model: str) -> int:
         deadline = time.monotonic() + 60
         while not server.started and time.monotonic() < deadline:
             time.sleep(0.05)
+        while time.monotonic() < deadline and httpx.get(f"{base}/ready", timeout=5).status_code != 200:
+            time.sleep(0.2)  # the router finds the workers through Redis within a poll interval
         response = httpx.post(f"{base}/v1/chat/completions", timeout=60, json={
             "model": model, "max_tokens": 16, "temperature": 0,
             "messages": [{"role": "user", "content": "Why split prefill from decode?"}]})
@@ -86,7 +138,7 @@ def _once(server, base: str, model: str) -> int:
 
 
 def _how_to_call(base: str, model: str, grpc_address: str) -> str:
-    return f"""pdserve is up at {base} serving {model!r} (prefill -> decode over gRPC, on Ray). Ctrl-C stops it.
+    return f"""pdserve is up at {base} serving {model!r}. Ctrl-C stops it. `pdserve status` shows the pools.
 The gRPC API (protos/pdserve/v1/serving.proto, with health checking and reflection) is on {grpc_address}.
 
   curl {base}/v1/chat/completions -H 'content-type: application/json' \\

@@ -34,3 +34,12 @@ def extend_block_hashes(block_hashes: list[bytes], token_ids: Sequence[int], blo
         parent = block_hashes[i - 1] if i > 0 else None
         block_hashes.append(hash_block_tokens(parent, token_ids[i * block_size:(i + 1) * block_size]))
     return block_hashes
+
+
+def prompt_block_hashes(token_ids: Sequence[int], block_size: int) -> list[bytes]:
+    """The chained hashes of the full blocks of `token_ids`: what a worker with this `block_size`
+    registers in the prefix cache (and publishes to the cluster's prefix index) for these tokens, so a
+    router can look a prompt up in that index before choosing a worker."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    return extend_block_hashes([], token_ids, block_size)

@@ -3,14 +3,15 @@
 The scheduler asks two questions per request: "which leading blocks of this sequence are cached
 already?" (`get_computed_blocks`) and "can it have room for N more tokens?" (`allocate_slots`, None
 meaning no: the scheduler preempts). Blocks are registered in the prefix cache as soon as the
-tokens that fill them are scheduled, so any later request can share them.
+tokens that fill them are scheduled, so any later request can share them. Which hashes enter and
+leave the cache is noted for the cluster's prefix index (`drain_cache_events`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cluster.kv.block_pool import BlockPool, KVBlock
+from cluster.kv.block_pool import DEFAULT_MAX_PENDING_EVENTS, BlockPool, CacheEvents, KVBlock
 from cluster.kv.hashing import extend_block_hashes
 from cluster.request import Request
 
@@ -20,12 +21,13 @@ def cdiv(a: int, b: int) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool,
+                 max_pending_cache_events: int = DEFAULT_MAX_PENDING_EVENTS) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.block_pool = BlockPool(num_blocks, enable_prefix_caching)
+        self.block_pool = BlockPool(num_blocks, enable_prefix_caching, max_pending_cache_events)
         self._req_blocks: dict[str, list[KVBlock]] = {}
         # Hash chain of each request's full blocks, by content: grows as tokens arrive, never rehashed.
         self._req_block_hashes: dict[str, list[bytes]] = {}
@@ -49,6 +51,16 @@ class KVCacheManager:
     @property
     def usage(self) -> float:
         return self.block_pool.usage
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks findable in the prefix cache now (in use or free but not yet reused)."""
+        return self.block_pool.num_cached_blocks
+
+    def drain_cache_events(self, snapshot: bool = False) -> CacheEvents:
+        """Block hashes cached and evicted since the last drain (the whole cache if `snapshot`, or if
+        too many piled up). The hashes are those `prompt_block_hashes` computes from token ids."""
+        return self.block_pool.drain_cache_events(snapshot)
 
     @property
     def num_tracked_requests(self) -> int:

@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "linear", "llama3")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # checkpoint dtypes, by name: the router reads configs without torch
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -76,7 +78,9 @@ class ModelArchConfig:
 
     @property
     def checkpoint_dtype(self) -> torch.dtype:
-        return DTYPES[self.torch_dtype]
+        import torch
+
+        return getattr(torch, self.torch_dtype)
 
     @property
     def q_size(self) -> int:

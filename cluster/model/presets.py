@@ -243,7 +243,7 @@ def make_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    weights = {k: v.to(DTYPES[preset.dtype]) for k, v in random_weights(preset, seed).items()}
+    weights = {k: v.to(getattr(torch, preset.dtype)) for k, v in random_weights(preset, seed).items()}
     _save_weights(weights, out, num_shards)
     config = hf_config(preset)
     _write_json(out / "config.json", config)

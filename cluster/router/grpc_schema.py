@@ -2,7 +2,9 @@
 that name the field, as the HTTP API's schema.py does for OpenAI bodies.
 
 Unset sampling fields take the HTTP API's defaults (max_tokens 16 for a prompt, 256 for messages,
-temperature 1); SamplingParams checks the values and names the field it rejects.
+temperature 1, n 1); SamplingParams checks the values and names the field it rejects. As on HTTP, `n`
+stays on the GenerateInput (the router runs n one-choice requests) and `logprobs` becomes
+SamplingParams.logprobs.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 from cluster.protogen import ensure_generated
 from cluster.request import SamplingParams
+from cluster.router.choices import MAX_N
 from cluster.router.errors import bad_request
 
 ensure_generated()
@@ -25,6 +28,7 @@ MAX_STOP_STRINGS = 4
 class GenerateInput:
     model: str
     params: SamplingParams
+    n: int = 1
     prompt: str | list[int] | None = None  # a prompt or prompt_token_ids
     messages: list[dict[str, Any]] | None = None  # chat
 
@@ -42,7 +46,11 @@ def parse_generate(request: pb.GenerateRequest) -> GenerateInput:
         if m.role not in ROLES:
             raise bad_request(f"messages[{i}].role must be one of {', '.join(ROLES)}", "messages")
     chat = given[0] == "messages"
-    parsed = GenerateInput(model=request.model, params=_params(request.sampling, max_tokens=256 if chat else 16))
+    n = request.sampling.n if request.sampling.HasField("n") else 1
+    if not 1 <= n <= MAX_N:
+        raise bad_request(f"n must be in [1, {MAX_N}], got {n}", "n")
+    parsed = GenerateInput(model=request.model, params=_params(request.sampling, max_tokens=256 if chat else 16),
+                           n=n)
     if chat:
         parsed.messages = [{"role": m.role, "content": m.content} for m in request.messages]
     else:
@@ -72,6 +80,7 @@ def _params(s: pb.GenerateSampling, max_tokens: int) -> SamplingParams:
             stop=list(s.stop),
             stop_token_ids=list(s.stop_token_ids),
             ignore_eos=s.ignore_eos,
+            logprobs=get("logprobs", None),
         )
     except ValueError as exc:  # SamplingParams names the field first
         raise bad_request(str(exc), str(exc).split(" ", 1)[0]) from None

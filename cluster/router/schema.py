@@ -1,8 +1,15 @@
 """OpenAI request bodies → the engine's SamplingParams, with errors that name the field.
 
 Parameters as OpenAI defines them (max_tokens / max_completion_tokens, temperature, top_p, n, stop,
-seed, presence/frequency penalties, user, stream, stream_options) plus the extras vLLM users send
-(top_k, min_p, repetition_penalty, ignore_eos, min_tokens, priority).
+seed, logprobs / top_logprobs, presence/frequency penalties, user, stream, stream_options) plus the
+extras vLLM users send (top_k, min_p, repetition_penalty, ignore_eos, min_tokens, priority). Fields
+OpenAI has and this server does not do (echo, suffix, logit_bias, best_of > n) are refused by name
+rather than silently ignored; so is any field neither API knows.
+
+`n` stays on the ParsedRequest: the router runs n one-choice requests (choices.py), so the
+SamplingParams sent to the workers always say n=1. Logprobs: completions take `logprobs: k` (the
+chosen token plus the top k), chat `logprobs: true` with `top_logprobs: k`; either becomes
+SamplingParams.logprobs = k.
 """
 
 from __future__ import annotations
@@ -11,15 +18,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster.request import SamplingParams
+from cluster.router.choices import MAX_N
 from cluster.router.errors import bad_request
 
 _COMMON = {
     "model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty",
     "user", "stream", "stream_options", "top_k", "min_p", "repetition_penalty", "ignore_eos", "min_tokens",
-    "priority", "logprobs", "top_logprobs", "logit_bias", "echo", "suffix", "best_of",
+    "priority", "logprobs", "logit_bias",
 }
-_COMPLETION_FIELDS = _COMMON | {"prompt"}
-_CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens"}
+_COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "suffix", "best_of"}
+_CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
+MAX_LOGPROBS = 20  # top alternatives per token (SamplingParams' bound; OpenAI's is 20 for chat, 5 legacy)
 
 
 @dataclass
@@ -29,6 +38,8 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     priority: int
+    n: int = 1
+    user: str | None = None
     prompt: str | list[int] | None = None  # completions
     messages: list[dict[str, Any]] | None = None  # chat
 
@@ -46,7 +57,16 @@ def parse_completion(body: Any) -> ParsedRequest:
         raise bad_request("prompt is required and must be a string or a list of token ids", "prompt")
     if prompt == "":
         raise bad_request("prompt must not be empty", "prompt")
-    parsed = _common(body, max_tokens_default=16)
+    for name in ("echo", "suffix"):
+        if body.get(name) not in (None, False, ""):
+            raise bad_request(f"{name} is not supported by this server", name)
+    logprobs = _int(body, "logprobs", None)
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise bad_request(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {logprobs}", "logprobs")
+    parsed = _common(body, max_tokens_default=16, logprobs=logprobs)
+    best_of = _int(body, "best_of", None)
+    if best_of is not None and best_of != parsed.n:
+        raise bad_request("best_of other than n is not supported by this server", "best_of")
     parsed.prompt = prompt
     return parsed
 
@@ -62,23 +82,34 @@ def parse_chat(body: Any) -> ParsedRequest:
             raise bad_request(f"messages[{i}].role must be system, user, assistant, tool or developer", "messages")
         if not isinstance(m.get("content"), str | list):
             raise bad_request(f"messages[{i}].content must be a string or a list of parts", "messages")
-    if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
-        body = {**body, "max_tokens": body["max_completion_tokens"]}
-    parsed = _common(body, max_tokens_default=256)
+    max_tokens = _int(body, "max_completion_tokens", None)  # OpenAI's newer name wins over max_tokens
+    if max_tokens is not None and max_tokens < 1:
+        raise bad_request(f"max_completion_tokens must be an integer >= 1, got {max_tokens}", "max_completion_tokens")
+    if max_tokens is not None:
+        body = {**body, "max_tokens": max_tokens}
+    want_logprobs = _bool(body, "logprobs", False)
+    top = _int(body, "top_logprobs", None)
+    if top is not None and not 0 <= top <= MAX_LOGPROBS:
+        raise bad_request(f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {top}", "top_logprobs")
+    if top is not None and not want_logprobs:
+        raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+    parsed = _common(body, max_tokens_default=256, logprobs=(top or 0) if want_logprobs else None)
     parsed.messages = [{"role": m["role"], "content": _text(m["content"], i)} for i, m in enumerate(messages)]
     return parsed
 
 
-def _common(body: dict, max_tokens_default: int) -> ParsedRequest:
+def _common(body: dict, max_tokens_default: int, logprobs: int | None) -> ParsedRequest:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("model is required and must be a string", "model")
-    if body.get("logprobs") not in (None, False) or body.get("echo") or body.get("suffix") or body.get("logit_bias"):
-        field = next(f for f in ("logprobs", "echo", "suffix", "logit_bias") if body.get(f) not in (None, False))
-        raise bad_request(f"{field} is not supported by this server yet", field)
+    if body.get("logit_bias"):
+        raise bad_request("logit_bias is not supported by this server", "logit_bias")
     n = _int(body, "n", 1)
-    if n != 1:
-        raise bad_request("n > 1 is not supported by this server yet", "n")
+    if not 1 <= n <= MAX_N:
+        raise bad_request(f"n must be an integer in [1, {MAX_N}], got {n}", "n")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise bad_request(f"user must be a string, got {user!r}", "user")
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -86,9 +117,15 @@ def _common(body: dict, max_tokens_default: int) -> ParsedRequest:
         stop = [stop]
     elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)) or len(stop) > 4:
         raise bad_request("stop must be a string or a list of up to 4 strings", "stop")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
+    stream = _bool(body, "stream", False)
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
         raise bad_request("stream_options must be an object", "stream_options")
+    if options is not None and not stream:
+        raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+    include_usage = (options or {}).get("include_usage") or False
+    if not isinstance(include_usage, bool):
+        raise bad_request(f"stream_options.include_usage must be a boolean, got {include_usage!r}", "stream_options")
     try:
         params = SamplingParams(
             n=1,
@@ -104,12 +141,13 @@ def _common(body: dict, max_tokens_default: int) -> ParsedRequest:
             min_tokens=_int(body, "min_tokens", 0),
             stop=stop,
             ignore_eos=_bool(body, "ignore_eos", False),
+            logprobs=logprobs,
         )
     except ValueError as exc:  # SamplingParams names the field first
         field = str(exc).split(" ", 1)[0]
         raise bad_request(str(exc), field) from None
-    return ParsedRequest(model=model, params=params, stream=_bool(body, "stream", False),
-                         include_usage=bool(options.get("include_usage")), priority=_int(body, "priority", 0))
+    return ParsedRequest(model=model, params=params, stream=stream, include_usage=include_usage,
+                         priority=_int(body, "priority", 0), n=n, user=user)
 
 
 def _object(body: Any) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import redis
 from redis.commands.core import Script
 
@@ -17,6 +19,13 @@ def ttl_ms(ttl_s: float) -> int:
     if ms < 1:
         raise ValueError(f"ttl_s must be >= 0.001, got {ttl_s}")
     return ms
+
+
+def known_fields(cls: type, record: dict) -> dict:
+    """Drop the fields this version doesn't know, so a newer worker's record never breaks an older
+    router (missing ones take their defaults) and the two can be upgraded one at a time."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in record.items() if k in names}
 
 
 class StoreBase:

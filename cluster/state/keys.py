@@ -16,6 +16,15 @@ def _part(s: str) -> str:
     return s.replace("%", "%25").replace(":", "%3A")
 
 
+def _unpart(s: str) -> str:
+    return s.replace("%3A", ":").replace("%25", "%")
+
+
+def glob_escape(s: str) -> str:
+    """`s` as a literal in a SCAN/KEYS MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in s)
+
+
 @dataclass(frozen=True)
 class Keys:
     prefix: str = DEFAULT_PREFIX
@@ -42,6 +51,17 @@ class Keys:
     def queue_routers(self, model: str, pool: str) -> str:
         """Set of router ids that reported a queue depth for (model, pool)."""
         return self._k("qrouters", model, pool)
+
+    @property
+    def queue_routers_glob(self) -> str:
+        """MATCH pattern for every (model, pool)'s router-id set."""
+        return glob_escape(self.prefix + "qrouters:") + "*"
+
+    def parse_queue_routers(self, key: str) -> tuple[str, str] | None:
+        """(model, pool) of a `queue_routers` key; None for any other key."""
+        head = self.prefix + "qrouters:"
+        parts = key[len(head):].split(":") if key.startswith(head) else []
+        return (_unpart(parts[0]), _unpart(parts[1])) if len(parts) == 2 else None
 
     def queue_depth(self, model: str, pool: str, router_id: str) -> str:
         return self._k("qdepth", model, pool, router_id)

@@ -25,6 +25,22 @@ if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) else redis.call('PERSIST', K
 return n
 """
 
+# Like _ADD, but the set is rebuilt from scratch: a worker's full snapshot after it re-registered,
+# reset its cache, or lost track of its changes.
+_REPLACE = """
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl == -2 then return -1 end
+redis.call('DEL', KEYS[2])
+local n = 0
+for i = 1, #ARGV, 4000 do
+  n = n + redis.call('SADD', KEYS[2], unpack(ARGV, i, math.min(i + 3999, #ARGV)))
+end
+if n > 0 then
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) else redis.call('PERSIST', KEYS[2]) end
+end
+return n
+"""
+
 _LONGEST = """
 local out = {}
 for k = 1, #KEYS do
@@ -52,6 +68,13 @@ class PrefixIndexMixin(StoreBase):
         added = self._script(_ADD)(keys=[k.worker(worker_id), k.blocks(worker_id)], args=list(hashes))
         return None if added < 0 else int(added)
 
+    def replace_blocks(self, worker_id: str, hashes: Sequence[bytes]) -> int | None:
+        """Make `hashes` the whole of `worker_id`'s entries, atomically; returns how many, or None when
+        the worker is not registered (as `add_blocks`)."""
+        k = self.keys
+        n = self._script(_REPLACE)(keys=[k.worker(worker_id), k.blocks(worker_id)], args=list(hashes))
+        return None if n < 0 else int(n)
+
     def remove_blocks(self, worker_id: str, hashes: Sequence[bytes]) -> int:
         """Forget evicted blocks; returns how many were indexed."""
         if not hashes:
@@ -60,6 +83,14 @@ class PrefixIndexMixin(StoreBase):
 
     def num_blocks(self, worker_id: str) -> int:
         return int(self.r.scard(self.keys.blocks(worker_id)))
+
+    def num_blocks_by_worker(self, worker_ids: Sequence[str]) -> dict[str, int]:
+        """Indexed blocks per worker, in one round trip."""
+        with self.r.pipeline(transaction=False) as p:
+            for w in worker_ids:
+                p.scard(self.keys.blocks(w))
+            counts = p.execute()
+        return {w: int(n) for w, n in zip(worker_ids, counts, strict=True)}
 
     def longest_prefix(self, hashes: Sequence[bytes], candidate_worker_ids: Sequence[str]) -> dict[str, int]:
         """For each candidate, how many leading blocks of `hashes` it has cached (0 when none)."""

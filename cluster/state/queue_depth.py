@@ -34,6 +34,13 @@ class QueueDepthMixin(StoreBase):
             self.r.srem(k.queue_routers(model, pool), *stale)
         return {rid: int(v) for rid, v in zip(routers, values, strict=True) if v is not None}
 
+    def queue_pools(self) -> list[tuple[str, str]]:
+        """(model, pool) pairs with a router-id set, found by SCAN: for `pdserve status` and tools,
+        not for a request path. Pools whose routers are all gone drop out with the set's expiry."""
+        pairs = {self.keys.parse_queue_routers(key) for key in self.r.scan_iter(match=self.keys.queue_routers_glob,
+                                                                                 count=500)}
+        return sorted(p for p in pairs if p is not None)
+
     def queue_depth(self, model: str, pool: str) -> int:
         """Sum over router replicas whose reports have not expired."""
         return sum(self.queue_depths(model, pool).values())

@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Literal, get_args
 
-from cluster.state.base import DEFAULT_TTL_S, StoreBase, ttl_ms
+from cluster.state.base import DEFAULT_TTL_S, StoreBase, known_fields, ttl_ms
 
 Role = Literal["prefill", "decode", "unified", "simulated"]
 ROLES: tuple[str, ...] = get_args(Role)
@@ -26,6 +26,9 @@ class WorkerInfo:
     address: str  # "host:port" of the worker's gRPC server
     tp: int = 1
     started_at: float = field(default_factory=time.time)
+    # Tokens per KV block: a router hashes prompts with it (cluster.kv.hashing.prompt_block_hashes)
+    # to look them up in this worker's prefix-index entries.
+    block_size: int = 16
 
     def __post_init__(self) -> None:
         if not self.worker_id:
@@ -34,6 +37,8 @@ class WorkerInfo:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
         if self.tp < 1:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         host, sep, port = self.address.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ValueError(f"address must be 'host:port', got {self.address!r}")
@@ -43,7 +48,7 @@ class WorkerInfo:
 
     @classmethod
     def from_json(cls, data: str) -> WorkerInfo:
-        return cls(**json.loads(data))
+        return cls(**known_fields(cls, json.loads(data)))
 
 
 class RegistryMixin(StoreBase):

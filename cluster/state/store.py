@@ -6,7 +6,7 @@ import os
 
 import redis
 
-from cluster.state.keys import DEFAULT_PREFIX, Keys
+from cluster.state.keys import DEFAULT_PREFIX, Keys, glob_escape
 from cluster.state.load import LoadMixin
 from cluster.state.lock import LockMixin
 from cluster.state.prefix_index import PrefixIndexMixin
@@ -28,14 +28,15 @@ class StateStore(RegistryMixin, LoadMixin, PrefixIndexMixin, QueueDepthMixin, Ra
         self._scripts = {}
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = DEFAULT_PREFIX) -> StateStore:
-        return cls(connect(url), prefix)
+    def from_url(cls, url: str, prefix: str = DEFAULT_PREFIX, timeout_s: float | None = None) -> StateStore:
+        """`timeout_s`: see `connect` (callers that must notice an unreachable Redis promptly)."""
+        return cls(connect(url, timeout_s=timeout_s), prefix)
 
     def clear(self) -> int:
         """Delete every key under this store's prefix (tests, `pdserve down`); returns how many."""
         n = 0
         batch: list[str] = []
-        for key in self.r.scan_iter(match=_glob_escape(self.keys.prefix) + "*", count=500):
+        for key in self.r.scan_iter(match=glob_escape(self.keys.prefix) + "*", count=500):
             batch.append(key)
             if len(batch) >= 500:
                 n += self.r.delete(*batch)
@@ -59,7 +60,3 @@ def open_store(url: str | None = None, directory: str | os.PathLike[str] | None 
         return StateStore.from_url(url, prefix), None
     server = start_embedded_redis(directory)
     return StateStore.from_url(server.url, prefix), server
-
-
-def _glob_escape(s: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in s)

@@ -6,7 +6,9 @@
 rank, so every rank lands on the same node; the WorkerActor is rank 0 (bundle 0) and starts ranks
 1.. as `FollowerActor`s in the other bundles. Ray is the control plane only — lifecycle, placement,
 restarts, health and stats polls; token streams, KV pages and the per-step plans of a TP replica never
-pass through Ray's object store (whose transport pickles).
+pass through Ray's object store (whose transport pickles). With `redis_url` the worker registers
+in the cluster's Redis and heartbeats there (`registration.py`); `shutdown` deregisters it, while an
+actor killed outright drops out of the registry when its TTL runs out.
 """
 
 from __future__ import annotations
@@ -15,17 +17,22 @@ import asyncio
 import threading
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
 from cluster.config import EngineConfig
+from cluster.state.base import DEFAULT_TTL_S
+from cluster.worker.registration import new_worker_id
 
 
 class WorkerActor:
     """The body of a worker actor. Plain class: `ray.remote(WorkerActor)` makes the actor."""
 
     def __init__(self, role: str, model_dir: str, engine_config: dict, kv_transport: str = "grpc",
-                 host: str = "127.0.0.1", prefill_tp: int = 1, rank_cpus: float = 1) -> None:
+                 host: str = "127.0.0.1", prefill_tp: int = 1, rank_cpus: float = 1, *,
+                 redis_url: str | None = None, served_model_name: str | None = None,
+                 registry_ttl_s: float = DEFAULT_TTL_S) -> None:
         from cluster.parallel.launch import launch_tp_engine
         from cluster.worker.server import serve
 
@@ -46,6 +53,7 @@ class WorkerActor:
 
             self.engine = LLMEngine(model_dir, config)
         peers = tuple(self.replica.kv_addresses) if self.replica is not None else ()
+        self._worker_id = new_worker_id(served_model_name or Path(model_dir).name, role)
         self._loop = asyncio.new_event_loop()
         ready = threading.Event()
         ports: list[int] = []
@@ -53,7 +61,9 @@ class WorkerActor:
         async def run() -> None:
             started = asyncio.Event()
             self._task = asyncio.create_task(serve(self.engine, role, model_dir, host, 0, kv_transport, started,
-                                                   ports, peers, prefill_tp))
+                                                   ports, peers, prefill_tp, redis_url=redis_url,
+                                                   model_name=served_model_name, registry_ttl_s=registry_ttl_s,
+                                                   worker_id=self._worker_id))
             await started.wait()
             ready.set()
             try:
@@ -72,6 +82,10 @@ class WorkerActor:
 
     def ping(self) -> str:
         return self.role
+
+    def worker_id(self) -> str:
+        """The id it registers under (and reports in Stats)."""
+        return self._worker_id
 
     def shutdown(self) -> None:
         """Stop serving, then the engine thread, then the TP ranks."""
@@ -132,10 +146,12 @@ def ray_follower_starter(placement_group, rank_cpus: float) -> Callable[[int, tu
 
 def start_worker_actor(role: str, model_dir: str, config: EngineConfig | None = None, *,
                        kv_transport: str = "grpc", num_cpus: float = 1, name: str | None = None,
-                       prefill_tp: int = 1):
+                       prefill_tp: int = 1, redis_url: str | None = None, served_model_name: str | None = None,
+                       registry_ttl_s: float = DEFAULT_TTL_S):
     """Create a worker (a TP replica: one actor per rank, STRICT_PACK) and wait until it serves.
 
-    `num_cpus` is per rank. Returns (rank 0's actor handle, gRPC address)."""
+    `num_cpus` is per rank. With `redis_url` it registers there as `served_model_name` (default: the
+    model directory's name). Returns (rank 0's actor handle, gRPC address)."""
     import ray
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -151,5 +167,6 @@ def start_worker_actor(role: str, model_dir: str, config: EngineConfig | None = 
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
             placement_group=group, placement_group_bundle_index=0)
     actor = ray.remote(WorkerActor).options(**options).remote(
-        role, str(model_dir), asdict(config), kv_transport, "127.0.0.1", prefill_tp, num_cpus)
+        role, str(model_dir), asdict(config), kv_transport, "127.0.0.1", prefill_tp, num_cpus,
+        redis_url=redis_url, served_model_name=served_model_name, registry_ttl_s=registry_ttl_s)
     return actor, ray.get(actor.address.remote())

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cluster.protogen import ensure_generated
 from cluster.request import FinishReason, SamplingParams
 
 if TYPE_CHECKING:  # cluster.parallel imports torch; the simulated worker uses this module without it
+    from cluster.engine.sampler import TokenLogprobs
     from cluster.parallel.destination import KVDestination
 
 ensure_generated()
@@ -63,6 +66,49 @@ def finish_to_pb(reason: FinishReason | None) -> int:
 
 def finish_from_pb(value: int) -> FinishReason | None:
     return _FINISH_BACK[value]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's raw logprob and the top-N alternatives (token_id, logprob), best first,
+    as the router receives them (the engine's TokenLogprobs without the rank, which is not sent)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+def top_logprobs_to_pb(lp: TokenLogprobs) -> pb.TopLogprobs:
+    return pb.TopLogprobs(token_ids=[t for t, _ in lp.top], logprobs=[v for _, v in lp.top])
+
+
+def fill_logprobs(chunk: pb.TokenChunk, logprobs: Sequence[TokenLogprobs] | None) -> pb.TokenChunk:
+    """Set the chunk's logprobs (one per token id) from the engine's; no-op when none were asked for."""
+    if logprobs:
+        chunk.logprobs.extend(lp.logprob for lp in logprobs)
+        chunk.top_logprobs.extend(top_logprobs_to_pb(lp) for lp in logprobs)
+    return chunk
+
+
+def chunk_logprobs(chunk: pb.TokenChunk) -> list[TokenLogprob] | None:
+    """A Decode chunk's logprobs, one per token id; None when the chunk carries none."""
+    if not chunk.logprobs or len(chunk.logprobs) != len(chunk.token_ids):
+        return None
+    tops = chunk.top_logprobs
+    return [TokenLogprob(t, lp, _top(tops[i]) if i < len(tops) else ())
+            for i, (t, lp) in enumerate(zip(chunk.token_ids, chunk.logprobs, strict=True))]
+
+
+def first_token_logprobs(response: pb.PrefillResponse) -> list[TokenLogprob] | None:
+    """The prefill worker's first token's logprobs, or None when none were asked for."""
+    if not response.HasField("first_token_logprob"):
+        return None
+    return [TokenLogprob(response.first_token_id, response.first_token_logprob,
+                         _top(response.first_token_top_logprobs))]
+
+
+def _top(msg: pb.TopLogprobs) -> tuple[tuple[int, float], ...]:
+    return tuple(zip(msg.token_ids, msg.logprobs, strict=True))
 
 
 def destination_to_pb(destination: KVDestination) -> pb.KVDestination:

@@ -10,8 +10,9 @@ A request's life on a simulated worker:
    INVALID_ARGUMENT naming the field (the real worker's converter); more than `max_concurrency`
    Prefill + Decode calls in flight → RESOURCE_EXHAUSTED with a `retry-after` trailing header.
 2. Decode(expect_kv=false): the first token after ttft (+ prefill_s_per_token × prompt length), then
-   one every itl until max_tokens, a stop token id (after min_tokens) or the configured EOS id (unless
-   ignore_eos). Token i of a request is a hash of (request_id, prompt, i) below vocab_size.
+   one every itl, each due at a fixed time from the request's arrival, until max_tokens, a stop token
+   id (after min_tokens) or the configured EOS id (unless ignore_eos). Token i of a request is a
+   hash of (request_id, prompt, i) below vocab_size.
 3. Decode(expect_kv=true): the first chunk carries a KVDestination (transport "none", one target
    naming this worker) like the real decode worker's; the router hands it to a (simulated) prefill
    worker, whose Prefill sleeps the prefill time and returns token 0. No KV moves, and the decode
@@ -22,6 +23,8 @@ A request's life on a simulated worker:
 4. Finish, a client that went away (grpc cancels the handler task, the sleep raises, `finally`
    releases the slot) or a drain deadline (the stream ends with FINISH_REASON_ABORT).
 Stats report this worker's own counters; Drain stops admission and lets in-flight streams finish.
+With a Redis URL it registers like a real worker (`registration.py`), its load being its in-flight
+streams (no prefix cache, so no index entries), and leaves the registry on Drain or shutdown.
 """
 
 from __future__ import annotations
@@ -30,22 +33,27 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
 
 from cluster.protogen import ensure_generated
 from cluster.request import SamplingParams
+from cluster.state.base import DEFAULT_TTL_S
+from cluster.state.load import LoadReport
+from cluster.state.registry import WorkerInfo
 from cluster.worker.convert import params_from_pb
 from cluster.worker.grpc_options import SERVER_OPTIONS
+from cluster.worker.registration import WorkerReport, advertised_address, new_worker_id, start_registration
 
 ensure_generated()
 from pdserve.v1 import worker_pb2 as pb  # noqa: E402
 from pdserve.v1 import worker_pb2_grpc as pb_grpc  # noqa: E402
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ROLE = "simulated"
 RETRY_AFTER_S = "1"
@@ -113,7 +121,8 @@ class SimulatedWorker(pb_grpc.WorkerServicer):
     def __init__(self, config: SimConfig, address: str = "") -> None:
         self.config = config
         self.address = address  # named in the KV targets this worker hands out
-        self.worker_id = f"{ROLE}-{uuid.uuid4().hex[:8]}"
+        self.worker_id = new_worker_id(config.model, ROLE)
+        self.on_drain: Callable[[], Awaitable[None]] | None = None  # e.g. leave the registry
         self.draining = False
         self.abort_at: float | None = None  # loop time after which a drain aborts what still runs
         self.num_in_flight = 0  # admitted Prefill + Decode calls: the concurrency limit counts these
@@ -152,25 +161,29 @@ class SimulatedWorker(pb_grpc.WorkerServicer):
     async def _stream(self, request: pb.DecodeRequest, params: SamplingParams):
         rid, prompt = request.request_id, list(request.prompt_token_ids)
         n = len(prompt)
+        loop = asyncio.get_running_loop()
+        # Every token is due at a fixed time from the request's arrival, not from the previous token's
+        # send: a busy worker or a slow reader makes tokens late but never stretches the schedule, so a
+        # client can measure lateness against it (loadtest/router_capacity.py) and the mean ITL is itl.
+        begin, itl = loop.time(), self.config.itl_s
 
         def chunk(tokens: list[int], finish: int = pb.FINISH_REASON_UNSPECIFIED, **kw) -> pb.TokenChunk:
             return pb.TokenChunk(request_id=rid, token_ids=tokens, finish_reason=finish, num_prompt_tokens=n, **kw)
 
         remote = request.expect_kv and n >= request.min_prefill_tokens
-        first_wait = self.config.prefill_s(n)
+        first_due = begin + self.config.prefill_s(n)
         start = len(request.resume_token_ids)  # a resumed stream continues after what was sent
         if request.expect_kv:
             yield chunk([], kv_destination=self._destination(request) if remote else pb.KVDestination(transport="none"))
         if remote:
             # The prefill worker returns token 0; ours come after its prefill, the transfer and one step.
             start = max(start, 1)
+            first_due += self.config.transfer_s + itl
             self.num_waiting_for_kv += 1
             try:
-                await asyncio.sleep(first_wait + self.config.transfer_s)
+                await asyncio.sleep(first_due - itl - loop.time())
             finally:
                 self.num_waiting_for_kv -= 1
-            first_wait = self.config.itl_s
-        wait = first_wait
         self.num_running += 1
         try:
             for position, token, finish in token_plan(rid, prompt, params, self.config):
@@ -178,9 +191,10 @@ class SimulatedWorker(pb_grpc.WorkerServicer):
                     if finish:
                         yield chunk([], finish)
                     continue
-                await asyncio.sleep(wait)
-                wait = self.config.itl_s
-                if self.abort_at is not None and asyncio.get_running_loop().time() >= self.abort_at:
+                wait = first_due + (position - start) * itl - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                if self.abort_at is not None and loop.time() >= self.abort_at:
                     yield chunk([], pb.FINISH_REASON_ABORT)
                     return
                 yield chunk([token], finish)
@@ -218,7 +232,18 @@ class SimulatedWorker(pb_grpc.WorkerServicer):
         if request.deadline_seconds > 0:
             at = asyncio.get_running_loop().time() + request.deadline_seconds
             self.abort_at = at if self.abort_at is None else min(self.abort_at, at)
+        if self.on_drain is not None:
+            await self.on_drain()
         return pb.DrainResponse(accepted=True, num_in_flight=self.num_in_flight)
+
+    def load(self) -> LoadReport:
+        """What heartbeats publish: the in-flight streams, as Stats counts them (slots for blocks)."""
+        limit = self.config.max_concurrency
+        return LoadReport(
+            num_running=self.num_running, num_waiting=0, num_waiting_for_kv=self.num_waiting_for_kv,
+            num_free_blocks=max(limit - self.num_in_flight, 0), num_total_blocks=limit,
+            kv_usage=min(self.num_in_flight / limit, 1.0) if limit else 0.0, max_num_seqs=limit,
+        )
 
     async def Health(self, request: pb.HealthRequest, context) -> pb.HealthResponse:  # noqa: N802
         status = pb.HealthResponse.DRAINING if self.draining else pb.HealthResponse.SERVING
@@ -254,19 +279,43 @@ async def start_simulated(config: SimConfig, host: str = "127.0.0.1",
 
 
 async def serve_simulated(config: SimConfig, host: str = "127.0.0.1", port: int = 0,
-                          ready: asyncio.Event | None = None, port_out: list | None = None) -> None:
-    """Serve until cancelled, like cluster.worker.server.serve."""
-    server, _, bound = await start_simulated(config, host, port)
+                          ready: asyncio.Event | None = None, port_out: list | None = None, *,
+                          redis_url: str | None = None, registry_ttl_s: float = DEFAULT_TTL_S) -> None:
+    """Serve until cancelled, like cluster.worker.server.serve (registering at `redis_url` if given)."""
+    server, worker, bound = await start_simulated(config, host, port)
     logger.info("simulated worker on %s:%d (ttft %.3fs, itl %.3fs)", host, bound, config.ttft_s, config.itl_s)
-    if port_out is not None:
-        port_out.append(bound)
-    if ready is not None:
-        ready.set()
+    registration = None
+
+    async def leave() -> None:
+        if registration is not None:
+            await registration.leave()
+
+    worker.on_drain = leave
     try:
+        if redis_url:
+            async def read(snapshot: bool) -> WorkerReport:
+                return WorkerReport(worker.load())
+
+            info = WorkerInfo(worker_id=worker.worker_id, model=config.model, role=ROLE,
+                              address=advertised_address(host, bound), block_size=BLOCK_SIZE)
+            registration = await start_registration(redis_url, info, read, registry_ttl_s)
+        if port_out is not None:
+            port_out.append(bound)
+        if ready is not None:
+            ready.set()
         await server.wait_for_termination()
     finally:
+        await leave()
         await server.stop(grace=1.0)
 
 
-__all__ = ["ROLE", "SimConfig", "SimulatedWorker", "serve_simulated", "simulated_tokens", "start_simulated",
-           "token_at", "token_plan"]
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run a simulated worker's event loop on uvloop: the worker is all timers and socket writes, which
+    cost less there than on asyncio's loop (measured here: ~20 % less CPU per token streamed)."""
+    import uvloop
+
+    return uvloop.run(main)
+
+
+__all__ = ["ROLE", "SimConfig", "SimulatedWorker", "run_loop", "serve_simulated", "simulated_tokens",
+           "start_simulated", "token_at", "token_plan"]

@@ -32,7 +32,8 @@ def test_generate_rejects_a_line_without_a_prompt(tmp_path, tiny_model_dir):
         main(["generate", "--model", str(tiny_model_dir), "--input", str(prompts)])
 
 
-def test_up_serves_a_chat_request_through_the_router(tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--unified"]], ids=["disaggregated", "unified"])
+def test_up_serves_a_chat_request_through_the_router(tmp_path, flags):
     import os
     import socket
     import subprocess
@@ -43,7 +44,7 @@ def test_up_serves_a_chat_request_through_the_router(tmp_path):
         port = s.getsockname()[1]
     model = tmp_path / "tiny"
     proc = subprocess.run([sys.executable, "-m", "cluster.cli", "up", "--once", "--model", str(model),
-                           "--port", str(port), "--kv-cache-memory-gib", "0.05"],
+                           "--port", str(port), "--kv-cache-memory-gib", "0.05", *flags], cwd=tmp_path,
                           capture_output=True, text=True, timeout=240,
                           env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -73,7 +74,7 @@ def test_up_serves_until_sigterm_and_leaves_no_process_behind(tmp_path):
     port, grpc_port = ports
     proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "up", "--model", str(tmp_path / "tiny"),
                              "--port", str(port), "--grpc-port", str(grpc_port), "--kv-cache-memory-gib", "0.05"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
                             env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     base = f"http://127.0.0.1:{port}"
     try:
@@ -97,6 +98,7 @@ def test_up_serves_until_sigterm_and_leaves_no_process_behind(tmp_path):
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         started = psutil.Process(proc.pid).children(recursive=True)
         assert started, "Ray and the workers run as child processes"
+        _check_metrics_and_status(base, tmp_path)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -106,3 +108,45 @@ def test_up_serves_until_sigterm_and_leaves_no_process_behind(tmp_path):
             raise
     _, alive = psutil.wait_procs(started, timeout=30)
     assert not alive, f"left behind: {[p.pid for p in alive]}"
+
+
+def _check_metrics_and_status(base: str, run_dir_parent) -> None:
+    """After a request: /metrics has the router's counts and each worker's figures (from the load
+    reports the workers publish to Redis); `pdserve status`, run where `pdserve up` was, lists both pools."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + 60
+    text = ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{base}/metrics", timeout=5).text
+        if 'pdserve:pool_replicas{model="tiny",pool="decode"} 1.0' in text and "pool=\"prefill\"" in text:
+            break
+        time.sleep(0.5)
+    assert 'pdserve:pool_replicas{model="tiny",pool="decode"} 1.0' in text, text[-3000:]
+    assert 'pdserve:pool_replicas{model="tiny",pool="prefill"} 1.0' in text
+    assert 'pdserve:requests_total{model="tiny",status=' in text
+    assert "pdserve:time_to_first_token_seconds_count" in text
+    status = subprocess.run([sys.executable, "-m", "cluster.cli", "status", "--json"], cwd=run_dir_parent,
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr[-2000:]
+    import json
+
+    models = json.loads(status.stdout)["models"]
+    pools = {p["pool"]: p["num_workers"] for m in models if m["model"] == "tiny" for p in m["pools"]}
+    assert pools.get("prefill") == 1 and pools.get("decode") == 1, pools
+
+    # The router records what the autoscaler reads: arrivals and TTFT samples, in the same Redis.
+    from cluster.autoscale.traffic import read_traffic
+    from cluster.state import StateStore
+
+    up = json.loads((run_dir_parent / ".pdserve" / "up.json").read_text())
+    store = StateStore.from_url(up["redis_url"])
+    try:
+        traffic = read_traffic(store, "tiny", window_s=120)
+    finally:
+        store.close()
+    assert traffic.arrival_rate and traffic.arrival_rate > 0 and traffic.ttft_p95_s is not None

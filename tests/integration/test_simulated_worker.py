@@ -266,6 +266,27 @@ async def wait_until_idle(worker, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
+def test_tokens_keep_their_schedule_after_the_worker_stalls():
+    """Token i is due at a fixed time from the request, not an ITL after the previous send: once a stall
+    (here the whole event loop blocked) has passed, the overdue tokens go out back to back. With each
+    sleep counted from the previous send, no two tokens could come less than an ITL apart."""
+    itl, stall = 0.05, 0.4
+
+    async def body(stub, worker) -> None:
+        call = stub.Decode(decode_request("late", [1], 20))
+        first = await call.read()
+        time.sleep(stall)  # noqa: ASYNC251 — the stall under test: nothing runs, the worker included
+        arrivals, tokens = [], list(first.token_ids)
+        while (chunk := await call.read()) is not grpc.aio.EOF:
+            arrivals.append(time.monotonic())
+            tokens += chunk.token_ids
+        assert tokens == simulated_tokens("late", [1], 20, VOCAB)
+        gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+        assert sum(gap < itl for gap in gaps) >= 3, gaps
+
+    in_process(SimConfig(ttft_s=0.0, itl_s=itl, vocab_size=VOCAB), body)
+
+
 def test_cancelled_streams_stop_their_timers():
     async def body(stub, worker) -> None:
         baseline = len(asyncio.all_tasks())

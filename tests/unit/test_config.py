@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from cluster.config import ClusterConfig, EngineConfig, ModelDeployment
+from cluster.router.auth import AuthConfig, Limits
+from cluster.router.config import AdmissionConfig, AutoRoute, RouterConfig, RouteRule
 
 EXAMPLE = Path(__file__).parents[2] / "deploy" / "config" / "example.yaml"
 
@@ -20,20 +22,29 @@ def test_example_config_loads_with_every_default():
     for f in dataclasses.fields(ClusterConfig):
         if f.name not in ("engine", "models", "router"):
             assert getattr(config, f.name) == getattr(defaults, f.name), f.name
+    assert config.router == RouterConfig()
 
 
-@pytest.mark.parametrize("cls", [ClusterConfig, EngineConfig, ModelDeployment])
+def test_router_section_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"router\.admission\.max_queue"):
+        ClusterConfig(router={"admission": {"max_queue": -1}})
+    with pytest.raises(ValueError, match=r"router\.decode_policy"):
+        ClusterConfig(router={"decode_policy": "random"})
+
+
+@pytest.mark.parametrize("cls", [ClusterConfig, EngineConfig, ModelDeployment, RouterConfig, AdmissionConfig,
+                                 AutoRoute, RouteRule, AuthConfig, Limits])
 def test_example_config_documents_every_field(cls):
     lines = EXAMPLE.read_text().splitlines()
     for f in dataclasses.fields(cls):
-        documented = [line for line in lines if line.lstrip(" -").startswith(f"{f.name}:")]
+        documented = [line for line in lines if line.lstrip(" -#").startswith(f"{f.name}:")]
         assert documented, f"deploy/config/example.yaml lacks {cls.__name__}.{f.name}"
         assert all("#" in line for line in documented), f"{f.name} has no comment"
 
 
 def test_model_engine_overrides_and_served_name():
     config = ClusterConfig(models=[{"path": "models/small", "engine": {"block_size": 32}, "decode_tp": 2},
-                                   {"path": "m/tiny", "name": "fast", "aliases": ["auto-small"]}],
+                                   {"path": "m/tiny", "name": "fast"}],
                            engine={"max_num_seqs": 8})
     small, fast = config.models
     assert small.served_name == "small" and fast.served_name == "fast"

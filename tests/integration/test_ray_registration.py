@@ -1,0 +1,45 @@
+"""A worker started as a Ray actor registers in Redis under its served model name and leaves on shutdown."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import ray
+
+from cluster.config import EngineConfig
+from cluster.state import StateStore, start_embedded_redis
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False,
+             configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_worker_actor_registers_and_deregisters_on_shutdown(ray_cluster, tiny_model_dir) -> None:
+    from cluster.worker.actor import start_worker_actor
+
+    with start_embedded_redis() as server:
+        store = StateStore.from_url(server.url)
+        config = EngineConfig(dtype="float32", num_kv_blocks=32, num_threads=1, block_size=8)
+        # A long TTL: if it is gone right after shutdown, it deregistered.
+        actor, address = start_worker_actor("decode", tiny_model_dir, config, redis_url=server.url,
+                                            served_model_name="ray-tiny", registry_ttl_s=60.0)
+        worker_id = ray.get(actor.worker_id.remote())
+        deadline = time.monotonic() + 60
+        while not store.list_workers() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (info,) = store.list_workers()
+        assert (info.worker_id, info.model, info.role, info.address, info.block_size) == (
+            worker_id, "ray-tiny", "decode", address, 8)
+        assert store.get_loads([worker_id])[worker_id].num_total_blocks == 32
+
+        ray.get(actor.shutdown.remote())
+        assert store.list_workers() == []
+        ray.kill(actor)
+        store.close()

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup up test test-all lint bench bench-kernels
+.PHONY: setup up test test-all lint bench bench-kernels bench-vs-vllm
 
 # Generated protobuf/gRPC code (cluster/_generated/, gitignored) is rebuilt when a .proto is newer.
 setup: $(VENV)/.installed
@@ -31,7 +31,14 @@ bench: setup
 	$(PY) -m loadtest.transfer_bench --write BENCHMARKS.md
 	$(PY) -m loadtest.transfer_overlap --write BENCHMARKS.md
 	$(PY) -m loadtest.router_capacity --write BENCHMARKS.md
+	$(PY) -m loadtest.prefix_bench --write BENCHMARKS.md
+	$(PY) -m loadtest.routing_bench --write BENCHMARKS.md
+	$(PY) -m loadtest.autoscale_bench --plot docs/plots/autoscale_queue_depth.png --write BENCHMARKS.md
 
 # Triton kernel timings on a GPU; on a CPU-only machine only the correctness checks run (interpreter).
 bench-kernels: setup
 	$(PY) -m kernels.bench
+
+# Not part of CI: installs vLLM's CPU build into .venv-vllm/ (never into .venv) and serves the same checkpoint.
+bench-vs-vllm: setup
+	$(PY) -m loadtest.vs_vllm --write BENCHMARKS.md

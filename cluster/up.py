@@ -14,7 +14,6 @@ through the router, prints it, and exits.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 import threading
@@ -43,6 +42,7 @@ def run_up(config: ClusterConfig, once: bool) -> int:
     import uvicorn
 
     from cluster.local_cluster import LocalCluster
+    from cluster.router import runtime
     from cluster.router.http import create_app
 
     cluster = LocalCluster(config)
@@ -58,12 +58,12 @@ def run_up(config: ClusterConfig, once: bool) -> int:
                                           workers=cluster.workers)
         router = build_router(config, cluster)
         server = uvicorn.Server(uvicorn.Config(create_app(router), host=config.host, port=config.port,
-                                               log_level="warning"))
+                                               log_level="warning", http=runtime.HTTP_PROTOCOL))
         base = f"http://{config.host}:{config.port}"
         model = config.models[0].served_name
         if once:
             return _once(server, base, model)
-        return asyncio.run(_serve(server, router, config, cluster.redis_url, run_file))
+        return runtime.run(_serve(server, router, config, cluster.redis_url, run_file))
     finally:
         run_file.unlink(missing_ok=True)
         if autoscaler is not None:
@@ -101,6 +101,7 @@ def _make_missing_models(config: ClusterConfig) -> None:
 
 async def _serve(server, router, config: ClusterConfig, redis_url: str, run_file: Path) -> int:
     """HTTP and gRPC on one event loop until Ctrl-C / SIGTERM (uvicorn catches both and returns)."""
+    from cluster.router import runtime
     from cluster.router.grpc_api import serve_grpc
 
     grpc_server, bound = await serve_grpc(router, config.host, config.grpc_port)
@@ -109,6 +110,7 @@ async def _serve(server, router, config: ClusterConfig, redis_url: str, run_file
     run_file.write_text(json.dumps({"http": base, "grpc": grpc_address, "redis_url": redis_url,
                                     "models": [m.served_name for m in config.models]}))
     print(_how_to_call(base, config.models[0].served_name, grpc_address), file=sys.stderr)
+    runtime.tune_gc()
     try:
         await server.serve()
     finally:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import os
 import resource
 import shutil
@@ -27,6 +26,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from cluster.router import runtime
 
 
 def raise_fd_limit() -> int:
@@ -67,7 +68,7 @@ def serve(args: argparse.Namespace) -> None:
         while not server.started and not task.done():
             await asyncio.sleep(0.02)
         if args.tune_gc:
-            tune_gc()
+            runtime.tune_gc()
         print(f"READY {args.host}:{port}", flush=True)
         await task
 
@@ -90,19 +91,6 @@ def serve(args: argparse.Namespace) -> None:
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(args.profile)
-
-
-def tune_gc() -> None:
-    """The collector off the request path. A full collection stops every stream while it walks all
-    tracked objects: ~80k alive after start-up (~200k while cluster.model still imported torch), tens
-    of ms to 130 ms here, and at ~450 requests/s the defaults spent ~20 % of the router's CPU in
-    collections. What is alive after start-up stays alive, so it is frozen out of the collector's
-    sight; and a request's objects are nearly all freed by reference counting, so a young generation
-    of 10,000 instead of 700 objects is seldom reached (no collection at all in most 5 s windows
-    measured) while cycles are still collected."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(10_000, 20, 100)
 
 
 def process_cpu_seconds(pid: int) -> float:

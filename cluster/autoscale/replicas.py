@@ -42,6 +42,35 @@ def _options(name: str, num_cpus: float, lifetime: str | None) -> dict[str, Any]
     return options
 
 
+def group_resource(model: str, pool: str) -> str:
+    """The custom resource the Helm chart's worker group for (model, pool) advertises, one unit per
+    TP rank (helm/pdserve/templates/_helpers.tpl, `pdserve.workerGroups`: the same name rule)."""
+    name = f"{model.lower().replace('_', '-').replace('.', '-').replace('/', '-')}-{pool}"[:50].removesuffix("-")
+    return f"pdserve-{name}"
+
+
+def rank_resources(model: str, pool: str, engine: EngineConfig, advertised: dict[str, float]) -> dict[str, float]:
+    """What each rank of a replica asks Ray for beyond CPUs: a GPU on CUDA, and its worker group's
+    resource where the cluster advertises one — so that on Kubernetes the replica lands on (and
+    KubeRay scales) the group sized for it, not whichever group has room."""
+    needs: dict[str, float] = {}
+    if engine.device.startswith("cuda"):
+        needs["GPU"] = 1
+    key = group_resource(model, pool)
+    if key in advertised:
+        needs[key] = 1
+    return needs
+
+
+def _with_needs(options: dict[str, Any], needs: dict[str, float]) -> dict[str, Any]:
+    custom = {k: v for k, v in needs.items() if k != "GPU"}
+    if "GPU" in needs:
+        options["num_gpus"] = needs["GPU"]
+    if custom:
+        options["resources"] = custom
+    return options
+
+
 def simulated_factory(model: str, pool: str, sim: dict[str, Any], capacity: int, *, redis_url: str | None,
                       registry_ttl_s: float = DEFAULT_TTL_S, num_cpus: float = 0.05,
                       lifetime: str | None = None, host: str = "127.0.0.1") -> ReplicaFactory:
@@ -71,10 +100,11 @@ def engine_factory(model: ModelDeployment, pool: str, engine: EngineConfig, *, r
     tp, num_cpus = engine.tensor_parallel_size, model.worker_num_cpus
 
     def start(name: str) -> StartedReplica:
-        options = _options(name, num_cpus, lifetime)
+        needs = rank_resources(model.served_name, pool, engine, ray.cluster_resources())
+        options = _with_needs(_options(name, num_cpus, lifetime), needs)
         group = None
         if tp > 1:
-            group = placement_group([{"CPU": num_cpus}] * tp, strategy="STRICT_PACK", lifetime=lifetime)
+            group = placement_group([{"CPU": num_cpus, **needs}] * tp, strategy="STRICT_PACK", lifetime=lifetime)
             try:
                 ray.get(group.ready(), timeout=_START_TIMEOUT_S)
             except BaseException:

@@ -47,7 +47,8 @@ class WorkerActor:
             receives_kv = role != "prefill"
             self.engine, self.replica = launch_tp_engine(
                 model_dir, config, kv_transport=kv_transport if receives_kv else None, kv_host=host,
-                start_follower=ray_follower_starter(get_current_placement_group(), rank_cpus))
+                start_follower=ray_follower_starter(get_current_placement_group(), rank_cpus,
+                                                   1 if config.device.startswith("cuda") else 0))
         else:
             from cluster.engine.engine import LLMEngine
 
@@ -129,15 +130,16 @@ class RayRank:
         ray.kill(self.actor)
 
 
-def ray_follower_starter(placement_group, rank_cpus: float) -> Callable[[int, tuple], RayRank]:
-    """start_follower for launch_tp_engine: rank r becomes a FollowerActor in bundle r of the group."""
+def ray_follower_starter(placement_group, rank_cpus: float, rank_gpus: float = 0) -> Callable[[int, tuple], RayRank]:
+    """start_follower for launch_tp_engine: rank r becomes a FollowerActor in bundle r of the group
+    (asking for its GPU itself, so that Ray gives the rank its own CUDA_VISIBLE_DEVICES)."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     def start(rank: int, args: tuple) -> RayRank:
         strategy = PlacementGroupSchedulingStrategy(placement_group=placement_group,
                                                     placement_group_bundle_index=rank)
-        actor = ray.remote(FollowerActor).options(num_cpus=rank_cpus, scheduling_strategy=strategy,
+        actor = ray.remote(FollowerActor).options(num_cpus=rank_cpus, num_gpus=rank_gpus, scheduling_strategy=strategy,
                                                   max_restarts=0).remote()
         return RayRank(f"tp-rank{rank}", actor, actor.run.remote(*args))
 
@@ -157,12 +159,14 @@ def start_worker_actor(role: str, model_dir: str, config: EngineConfig | None = 
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     config = config or EngineConfig()
-    options: dict = {"num_cpus": num_cpus, "max_restarts": 0}
+    gpus = 1 if config.device.startswith("cuda") else 0  # per rank: Ray then sets its CUDA_VISIBLE_DEVICES
+    options: dict = {"num_cpus": num_cpus, "num_gpus": gpus, "max_restarts": 0}
     if name:
         options["name"] = name
     tp = config.tensor_parallel_size
     if tp > 1:
-        group = placement_group([{"CPU": num_cpus}] * tp, strategy="STRICT_PACK")
+        group = placement_group([{"CPU": num_cpus, "GPU": gpus} if gpus else {"CPU": num_cpus}] * tp,
+                                strategy="STRICT_PACK")
         ray.get(group.ready())
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
             placement_group=group, placement_group_bundle_index=0)

@@ -120,3 +120,30 @@ def test_network_policy_opens_only_the_router() -> None:
     for labels in [ray["headGroupSpec"]["template"]["metadata"]["labels"]] + [
             g["template"]["metadata"]["labels"] for g in ray["workerGroupSpecs"]]:
         assert labels["app.kubernetes.io/instance"] == "pd" and labels["app.kubernetes.io/component"] != "router"
+
+
+@pytest.mark.parametrize("values", CASES)
+def test_replicas_ask_for_the_resource_their_worker_group_advertises(values, tmp_path):
+    """A replica the autoscaler starts must land on the worker group sized for its (model, pool):
+    the group's rayStartParams advertise `pdserve-<group>`; the replica's ranks ask for exactly that
+    name (cluster/autoscale/replicas.py), and for a GPU each where the group has GPUs."""
+    import json
+
+    from cluster.autoscale.replicas import group_resource, rank_resources
+
+    objects = render(values)
+    config, _ = rendered_files(objects, tmp_path)
+    groups = one(objects, "RayCluster")["spec"]["workerGroupSpecs"]
+    advertised: dict[str, dict] = {}
+    for g in groups:
+        params = g["rayStartParams"]
+        resources = json.loads(params["resources"].strip("'"))
+        advertised[next(iter(resources))] = {**resources, "GPU": float(params.get("num-gpus", 0))}
+    for m in config.models:
+        for pool, tp in ((p, t) for (name, p), t in pools_of(config).items() if name == m.served_name):
+            engine = m.engine_config(config.engine, tp)
+            key = group_resource(m.served_name, pool)
+            assert key in advertised, (key, sorted(advertised))
+            needs = rank_resources(m.served_name, pool, engine, advertised)
+            assert needs[key] == 1 and advertised[key][key] == tp  # one unit per rank, tp ranks per pod
+            assert needs.get("GPU", 0) * tp == advertised[key]["GPU"]

@@ -66,12 +66,24 @@ class TrafficRecorder:
         self._samples.setdefault((model, kind), _Samples()).add(self._clock(), seconds)
 
     def flush(self) -> None:
-        """Write what was observed since the last flush (raises on Redis errors; the buffer is then lost,
-        which only makes the next rate a little low)."""
+        """Write what was observed since the last flush. On a Redis error it raises and keeps what it
+        could not write for the next flush (a slow Redis under load must not erase the arrival rate)."""
         arrivals, samples = self._arrivals, self._samples
         self._arrivals, self._samples = {}, {}
         if not arrivals and not samples:
             return
+        try:
+            self._write(arrivals, samples)
+        except Exception:
+            for key, n in arrivals.items():
+                self._arrivals[key] = self._arrivals.get(key, 0) + n
+            for key, kept in samples.items():
+                merged = self._samples.setdefault(key, _Samples())
+                for at, value in kept.kept:
+                    merged.add(at, value)
+            raise
+
+    def _write(self, arrivals: dict[tuple[str, int], int], samples: dict[tuple[str, str], _Samples]) -> None:
         with self.store.r.pipeline(transaction=False) as p:
             for (model, second), n in arrivals.items():
                 key = self.keys.arrivals(model, second)

@@ -146,7 +146,12 @@ def _check_metrics_and_status(base: str, run_dir_parent) -> None:
     up = json.loads((run_dir_parent / ".pdserve" / "up.json").read_text())
     store = StateStore.from_url(up["redis_url"])
     try:
-        traffic = read_traffic(store, "tiny", window_s=120)
+        deadline = time.monotonic() + 60  # flushed with each discovery poll, retried after a Redis hiccup
+        while True:
+            traffic = read_traffic(store, "tiny", window_s=290)
+            if (traffic.arrival_rate and traffic.ttft_p95_s is not None) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
     finally:
         store.close()
-    assert traffic.arrival_rate and traffic.arrival_rate > 0 and traffic.ttft_p95_s is not None
+    assert traffic.arrival_rate and traffic.arrival_rate > 0 and traffic.ttft_p95_s is not None, traffic

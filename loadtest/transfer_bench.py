@@ -1,6 +1,7 @@
 """Loopback throughput of each KV transport for one realistic request, against raw gloo and a memcpy.
 
     python -m loadtest.transfer_bench [--tokens 2048 --layers 8 --kv-heads 4 --head-dim 64 --reps 5]
+                                      [--paths memcpy,gloo,local,grpc,dist]
 
 The request: a prompt of --tokens tokens in blocks of 16, fp32, K and V of every layer — 32 MiB for the
 defaults (the `small` preset's KV shape). Each row moves those bytes once per repetition, after a
@@ -12,7 +13,9 @@ reports the median of every repetition:
 - local / grpc / dist: the transports end to end, from the sender's first `send_layer_blocks` (gathering
   the request's blocks from the prefill worker's cache, as the engine does) to receiver DONE — packing,
   checksums, framing and the scatter into shuffled destination blocks included. grpc
-  and dist senders run in a child process; local runs in this one.
+  and dist senders run in a child process; local runs in this one. The sender is made just before the
+  clock starts, as the engine makes it before the prefill runs: the dist sender's handshake (announce,
+  pair group) starts then and overlaps the first layer's gather, as it overlaps compute in a worker.
 Times across processes use CLOCK_MONOTONIC, which both processes share.
 """
 
@@ -34,6 +37,13 @@ from cluster.transfer.peer import SenderProcess, job
 from loadtest.report import write_section
 
 MiB = 1 << 20
+PATHS = {  # --paths name -> table row, in the table's order
+    "memcpy": "memcpy (torch copy_)",
+    "gloo": "gloo send/recv (raw)",
+    "local": "local transport",
+    "grpc": "grpc transport",
+    "dist": "dist transport",
+}
 
 
 def request_spec(args: argparse.Namespace, tid: str) -> TransferSpec:
@@ -53,11 +63,12 @@ def dest(spec: TransferSpec, seed: int = 0) -> tuple[list[torch.Tensor], list[to
 
 
 def wait_done(receiver, timeout_s: float = 60.0) -> float:
+    """When the receiver reached DONE, polled every 0.2 ms (not 2: that alone was ~10% of a 20 ms row)."""
     deadline = time.monotonic() + timeout_s
     while (state := receiver.poll()) in (KVPoll.WAITING, KVPoll.TRANSFERRING):
         if time.monotonic() > deadline:
             raise TimeoutError("transfer did not finish")
-        time.sleep(0.002)
+        time.sleep(0.0002)
     if state != KVPoll.DONE:
         raise RuntimeError(f"transfer failed: {receiver.error}")
     return time.monotonic()
@@ -193,18 +204,24 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3,
                         help="run every row this many times, interleaved, so a busy neighbour hits all alike")
+    parser.add_argument("--paths", default=",".join(PATHS),
+                        help=f"comma-separated subset of {','.join(PATHS)} (raw gloo always runs: the reference)")
     parser.add_argument("--write", help="rewrite this markdown file's transfer section with the table")
     args = parser.parse_args(argv)
+    paths = {p.strip() for p in args.paths.split(",")} | {"gloo"}
+    if not paths <= set(PATHS):
+        parser.error(f"--paths: unknown {sorted(paths - set(PATHS))}; choose from {','.join(PATHS)}")
     torch.set_num_threads(1)
     spec = request_spec(args, "shape")
     nbytes = spec.total_nbytes
     runs = {
-        "memcpy (torch copy_)": lambda: bench_memcpy(spec, args.reps),
-        "gloo send/recv (raw)": lambda: bench_raw_gloo(spec, args.reps),
-        "local transport": lambda: bench_local(args, args.reps),
-        "grpc transport": lambda: bench_remote("grpc", args, args.reps),
-        "dist transport": lambda: bench_remote("dist", args, args.reps),
+        "memcpy": lambda: bench_memcpy(spec, args.reps),
+        "gloo": lambda: bench_raw_gloo(spec, args.reps),
+        "local": lambda: bench_local(args, args.reps),
+        "grpc": lambda: bench_remote("grpc", args, args.reps),
+        "dist": lambda: bench_remote("dist", args, args.reps),
     }
+    runs = {PATHS[path]: run for path, run in runs.items() if path in paths}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.rounds):
         for name, run in runs.items():
@@ -217,7 +234,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
     print(f"KV transfer, loopback: {args.tokens} tokens x {args.layers} layers x {args.kv_heads} kv heads x "
           f"head_dim {args.head_dim}, fp32 = {nbytes / MiB:.1f} MiB; median of {args.rounds} x {args.reps}")
     print(f"{'path':<24}{'ms':>10}{'GB/s':>10}{'vs gloo':>10}")
-    gloo = rows[1][2]
+    gloo = dict((name, gbs) for name, _, gbs in rows)[PATHS["gloo"]]
     for name, ms, gbs in rows:
         print(f"{name:<24}{ms:>10.1f}{gbs:>10.2f}{gbs / gloo:>9.0%}")
     if args.write:
@@ -226,7 +243,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
 
 
 def _table(args: argparse.Namespace, rows: list[tuple[str, float, float]], nbytes: int) -> str:
-    gloo = rows[1][2]
+    gloo = dict((name, gbs) for name, _, gbs in rows)[PATHS["gloo"]]
     return "\n".join([
         f"Date: {datetime.date.today()} · {args.tokens} tokens x {args.layers} layers x {args.kv_heads} KV heads x "
         f"head_dim {args.head_dim}, fp32 = {nbytes / MiB:.0f} MiB on loopback · median of {args.rounds} x "

@@ -5,9 +5,11 @@ own thread; the engine calls `poll` from its step loop. Every write into the cac
 lock after checking the state, so once `poll()` has returned FAILED (or `abort()` returned) no late
 message can touch blocks the decode worker may already have handed to another request.
 
-Data for a layer may come in one message (local, dist) or in consecutive chunks (gRPC): a whole layer
-in a tensor is scattered straight from it; chunks (and protobuf's read-only bytes) are assembled in a
-staging buffer first, because a chunk boundary can fall anywhere inside a page.
+Data for a layer may come in one message (local) or in consecutive chunks (dist, gRPC). A tensor that
+holds whole blocks (a layer, or a dist chunk: whole blocks of K or of V) is scattered straight from
+it, the moment it arrives; other chunks (and protobuf's read-only bytes) are assembled in a staging
+buffer first, because their boundaries can fall anywhere inside a page, and scattered once the layer
+is complete.
 """
 
 from __future__ import annotations
@@ -24,9 +26,8 @@ from cluster.transfer.buffers import POOL
 from cluster.transfer.codec import (
     TransferDigest,
     checksum,
-    scatter_layer,
+    scatter_range,
     spec_fingerprint,
-    unpack_layer,
 )
 
 
@@ -70,7 +71,8 @@ class ReceiverCore:
         self._state = KVPoll.WAITING
         self.error: str | None = None
         self._received = [0] * spec.num_layers  # bytes of each layer accepted so far
-        self._staging: dict[int, torch.Tensor] = {}
+        self._staging: dict[int, tuple[int, torch.Tensor]] = {}  # layer -> (first staged offset, buffer)
+        self._block_bytes = spec.layer_nbytes // 2 // spec.num_blocks
         self._digest = TransferDigest()
         self._first_token_id: int | None = None
         self.bytes_received = 0
@@ -146,7 +148,7 @@ class ReceiverCore:
         if self._state != KVPoll.FAILED:
             self._state = KVPoll.FAILED
             self.error = reason
-            for staging in self._staging.values():
+            for _, staging in self._staging.values():
                 POOL.release(staging)
             self._staging.clear()
 
@@ -165,22 +167,24 @@ class ReceiverCore:
 
     def _write_locked(self, layer: int, offset: int, data: bytes | memoryview | torch.Tensor) -> None:
         nbytes = len(data)
-        if isinstance(data, torch.Tensor) and offset == 0 and nbytes == self.spec.layer_nbytes:
-            payload = data  # a whole layer in one tensor: scatter straight from it
-        else:  # chunks, or read-only bytes torch cannot view without a warning: one copy into staging
-            staging = self._staging.get(layer)
-            if staging is None:
-                staging = self._staging[layer] = POOL.acquire(self.spec.layer_nbytes)
+        staged = self._staging.get(layer)
+        if (staged is None and isinstance(data, torch.Tensor) and offset % self._block_bytes == 0
+                and nbytes % self._block_bytes == 0):
+            self._scatter(layer, offset, data)  # whole blocks: straight from the message
+        else:  # read-only bytes torch cannot view without a warning, or a cut inside a page: one copy
+            if staged is None:
+                staged = self._staging[layer] = (offset, POOL.acquire(self.spec.layer_nbytes))
+            staging = staged[1]
             if isinstance(data, torch.Tensor):
                 staging[offset:offset + nbytes].copy_(data)
             else:  # numpy copies from a read-only buffer without a torch warning or an extra copy
                 staging.numpy()[offset:offset + nbytes] = np.frombuffer(data, dtype=np.uint8)
-            payload = staging
         self._received[layer] += nbytes
         self.bytes_received += nbytes
-        if self._received[layer] == self.spec.layer_nbytes:
-            k, v = unpack_layer(payload, self.spec)
-            scatter_layer(self._k_caches[layer], self._v_caches[layer], self._dest, k, v, self.spec.kv_head_start)
-            staging = self._staging.pop(layer, None)
-            if staging is not None:
-                POOL.release(staging)
+        if self._received[layer] == self.spec.layer_nbytes and staged is not None:
+            start, staging = self._staging.pop(layer)  # everything from `start` on came through staging
+            self._scatter(layer, start, staging[start:])
+            POOL.release(staging)
+
+    def _scatter(self, layer: int, offset: int, data: torch.Tensor) -> None:
+        scatter_range(self._k_caches[layer], self._v_caches[layer], self._dest, data, offset, self.spec)

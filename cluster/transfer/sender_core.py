@@ -2,9 +2,11 @@
 
 `send_layer` packs the pages (`send_layer_blocks` gathers them from the cache) into a pooled buffer —
 one copy, so the prefill may reuse its blocks at once — and queues them; `finish` queues the final
-message. A background thread, started on the first message, runs the
-transport's `_run(messages)`, which consumes `messages` — an iterator that yields queued `LayerMsg`,
-then `FinalMsg`, or `AbortMsg` if `abort()` was called — and ships each. Packing on the compute thread
+message. A transport with its own wire layout packs through `_pack_pages` / `_pack_blocks`. A
+background thread, started on the first message (or at construction, by a transport whose handshake
+should overlap the first layer's compute), runs the transport's `_run(messages)`, which consumes
+`messages` — an iterator that yields queued `LayerMsg`, then `FinalMsg`, or `AbortMsg` if `abort()`
+was called — and ships each. Packing on the compute thread
 and shipping on another is what overlaps layer l's transfer with layer l+1's compute.
 
 The iterator also enforces the sender's own lease: a transfer whose `finish` never comes (a crashed
@@ -32,12 +34,12 @@ log = logging.getLogger(__name__)
 
 
 class LayerMsg:
-    """One packed layer in a pooled buffer: `headroom` bytes for the transport's header, then the payload."""
+    """One packed layer in a pooled buffer (codec.pack_layer's layout, unless the transport packs its own)."""
 
-    def __init__(self, layer_idx: int, buffer: torch.Tensor, headroom: int = 0) -> None:
+    def __init__(self, layer_idx: int, buffer: torch.Tensor) -> None:
         self.layer_idx = layer_idx
         self.buffer = buffer
-        self.payload = buffer[headroom:]  # packed K+V, flat uint8
+        self.payload = buffer  # packed K+V, flat uint8
 
 
 @dataclass
@@ -54,8 +56,6 @@ Message = LayerMsg | FinalMsg | AbortMsg
 
 
 class QueuedSender(KVSender):
-    HEADROOM = 0  # bytes reserved before each packed layer (a transport that frames in place sets it)
-
     def __init__(self, spec: TransferSpec, clock: Callable[[], float] = time.monotonic) -> None:
         self.spec = spec
         self.fingerprint = spec_fingerprint(spec)
@@ -80,9 +80,8 @@ class QueuedSender(KVSender):
         if tuple(k_pages.shape) != self.spec.page_shape or k_pages.dtype != self.spec.torch_dtype:
             raise ValueError(f"pages must be {self.spec.page_shape} {self.spec.dtype}, "
                              f"got {tuple(k_pages.shape)} {k_pages.dtype}")
-        msg = self._new_msg(layer_idx, k_pages.device)
-        pack_layer(k_pages, v_pages, out=msg.payload)
-        self._put(msg)
+        self._layers_sent.add(layer_idx)
+        self._put(self._pack_pages(layer_idx, k_pages, v_pages))
 
     def send_layer_blocks(self, layer_idx: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           block_ids: torch.Tensor | list[int], head_start: int = 0) -> None:
@@ -96,9 +95,8 @@ class QueuedSender(KVSender):
                 or not 0 <= head_start <= k_cache.shape[2] - spec.num_kv_heads):
             raise ValueError(f"cannot read {spec.num_blocks} blocks of {spec.page_shape[1:]} {spec.dtype} from heads "
                              f"{head_start}.. of a {tuple(k_cache.shape)} {k_cache.dtype} cache")
-        msg = self._new_msg(layer_idx, k_cache.device)
-        pack_blocks(k_cache, v_cache, ids, head_start, spec.num_kv_heads, out=msg.payload)
-        self._put(msg)
+        self._layers_sent.add(layer_idx)
+        self._put(self._pack_blocks(layer_idx, k_cache, v_cache, ids, head_start))
 
     def finish(self, first_token_id: int) -> None:
         if self._finished:
@@ -136,6 +134,19 @@ class QueuedSender(KVSender):
         return True
 
     # -- for transports ------------------------------------------------------------------------------
+
+    def _pack_pages(self, layer_idx: int, k_pages: torch.Tensor, v_pages: torch.Tensor) -> LayerMsg:
+        """On the caller's thread: copy a layer's (validated) pages into a message. A transport with its
+        own wire layout overrides this and `_pack_blocks`."""
+        msg = self._new_msg(layer_idx, k_pages.device)
+        pack_layer(k_pages, v_pages, out=msg.payload)
+        return msg
+
+    def _pack_blocks(self, layer_idx: int, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor,
+                     head_start: int) -> LayerMsg:
+        msg = self._new_msg(layer_idx, k_cache.device)
+        pack_blocks(k_cache, v_cache, block_ids, head_start, self.spec.num_kv_heads, out=msg.payload)
+        return msg
 
     @abc.abstractmethod
     def _run(self, messages: Iterator[Message]) -> None:
@@ -181,11 +192,15 @@ class QueuedSender(KVSender):
             raise RuntimeError("send_layer after finish")
 
     def _new_msg(self, layer_idx: int, device: torch.device) -> LayerMsg:
-        self._layers_sent.add(layer_idx)
-        return LayerMsg(layer_idx, POOL.acquire(self.HEADROOM + self.spec.layer_nbytes, device), self.HEADROOM)
+        return LayerMsg(layer_idx, POOL.acquire(self.spec.layer_nbytes, device))
 
     def _put(self, msg: Message) -> None:
         self._queue.put(msg)
+        self._start()
+
+    def _start(self) -> None:
+        """Start the background thread (once). On the first message by default; a transport with a
+        handshake calls it from its constructor so the handshake overlaps the first layer's compute."""
         with self._lock:
             if self._thread is None and not self._closed:
                 self._thread = threading.Thread(target=self._main, name=f"kv-send-{self.spec.transfer_id}",

@@ -12,9 +12,10 @@ import time
 import pytest
 import torch
 
-from cluster.transfer import KVPoll, TransferSpec, create_receiver
-from cluster.transfer.dist import DistKVEndpoint
-from cluster.transfer.peer import SenderProcess, job, pages_landed
+from cluster.transfer import KVPoll, TransferSpec, create_receiver, create_sender
+from cluster.transfer.dist import DistKVEndpoint, close_all
+from cluster.transfer.pair_group import CHUNK_BYTES, SlotPlan
+from cluster.transfer.peer import SenderProcess, job, make_pages, pages_landed
 
 L, BS, H, D = 4, 16, 2, 32
 
@@ -51,10 +52,21 @@ def endpoint():
     assert not [t.name for t in threading.enumerate() if t.name.startswith(("kv-recv", "kv-send"))]
 
 
+def started(proc: SenderProcess, endpoint: DistKVEndpoint) -> SenderProcess:
+    """Wait for the child's imports and its pair group with one small transfer, so a busy machine's slow
+    interpreter start does not eat into the leases the tests measure."""
+    spec = spec_for(f"dist-warm-up-{proc.process.pid}", lease=120.0)
+    receiver = create_receiver("dist", spec, *caches(), [0, 1, 2, 3, 4, 5], endpoint=endpoint)
+    proc.run([job(spec, seed=0)])
+    assert wait_final([receiver], 120) == [KVPoll.DONE] and proc.result(120)["states"] == ["DONE"]
+    close_and_join([receiver])
+    return proc
+
+
 @pytest.fixture(scope="module")
 def prefill(endpoint):
     with SenderProcess("dist", address=endpoint.address) as proc:
-        yield proc
+        yield started(proc, endpoint)
 
 
 def test_concurrent_transfers_arrive_bit_exact(endpoint, prefill):
@@ -147,9 +159,10 @@ def test_receiver_that_gave_up_is_never_sent_to(endpoint, prefill):
 def test_killed_sender_fails_the_receiver_before_the_lease(endpoint):
     lease = 8.0
     spec = spec_for("dist-killed", lease=lease)
-    receiver = create_receiver("dist", spec, *caches(), [0, 1, 2, 3, 4, 5], endpoint=endpoint)
     groups_before = endpoint.num_groups()
     with SenderProcess("dist", address=endpoint.address) as proc:  # a second prefill process: its own pair
+        started(proc, endpoint)
+        receiver = create_receiver("dist", spec, *caches(), [0, 1, 2, 3, 4, 5], endpoint=endpoint)
         proc.run([job(spec, seed=4, mode="die")])
         proc.process.join(20)
         died = time.monotonic()
@@ -159,3 +172,89 @@ def test_killed_sender_fails_the_receiver_before_the_lease(endpoint):
     assert "sender gone" in receiver.error
     close_and_join([receiver])
     assert endpoint.num_groups() == groups_before  # the broken pair was evicted, the healthy one kept
+
+
+BIG_BLOCKS = -(-5 * CHUNK_BYTES // (4 * 16 * 4 * 64 * 4))  # of 16 KiB: a layer (K and V) is 2.5 chunks
+
+
+def big_spec(tid: str) -> TransferSpec:
+    """Layers cut into 3 chunks (the middle one holds K and V blocks), more slots than recvs posted."""
+    layers = SlotPlan(TransferSpec("probe", 100, 16, 4, 64, "float32", BIG_BLOCKS)).depth // 3 + 1
+    return TransferSpec(tid, num_layers=layers, block_size=16, num_kv_heads=4, head_dim=64, dtype="float32",
+                        num_blocks=BIG_BLOCKS, lease_seconds=20.0)
+
+
+def big_caches() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    layers = big_spec("shape").num_layers
+    return ([torch.zeros(BIG_BLOCKS + 10, 16, 4, 64) for _ in range(layers)],
+            [torch.zeros(BIG_BLOCKS + 10, 16, 4, 64) for _ in range(layers)])
+
+
+def test_layers_cut_into_chunks_with_fewer_recvs_posted_than_slots(endpoint, prefill):
+    plan = SlotPlan(big_spec("plan"))
+    assert len(plan.chunks) == 3 and len(plan.chunks[1].pieces) == 2  # the shape this test is about
+    assert plan.depth < plan.final_slot + 1
+    dest = torch.randperm(BIG_BLOCKS + 10, generator=torch.Generator().manual_seed(0))[:BIG_BLOCKS].tolist()
+    spec = big_spec("dist-chunked")
+    k, v = big_caches()
+    receiver = create_receiver("dist", spec, k, v, dest, endpoint=endpoint)
+    prefill.run([job(spec, seed=12, first_token_id=5, from_cache=True)])
+    assert wait_final([receiver], 30) == [KVPoll.DONE] and receiver.first_token_id == 5
+    assert prefill.result()["states"] == ["DONE"]
+    assert pages_landed(spec, 12, k, v, dest)
+    close_and_join([receiver])
+
+
+def test_abort_pads_every_posted_slot_so_the_pair_carries_on(endpoint, prefill):
+    spec = big_spec("dist-chunked-abort")
+    k, v = big_caches()
+    receiver = create_receiver("dist", spec, k, v, list(range(BIG_BLOCKS)), endpoint=endpoint)
+    prefill.run([job(spec, seed=13, mode="slow")])
+    deadline = time.monotonic() + 20
+    while receiver.poll() == KVPoll.WAITING and time.monotonic() < deadline:
+        time.sleep(0.002)
+    receiver.abort()
+    result = prefill.result()
+    assert result["states"] == ["FAILED"] and "receiver aborted" in result["errors"][0]
+    close_and_join([receiver])  # drained: ABORT, then a PAD in each of the depth - 1 slots still posted
+    spec = big_spec("dist-chunked-after-abort")
+    k, v = big_caches()
+    receiver = create_receiver("dist", spec, k, v, list(range(10, BIG_BLOCKS + 10)), endpoint=endpoint)
+    prefill.run([job(spec, seed=14)])
+    assert wait_final([receiver], 30) == [KVPoll.DONE] and prefill.result()["states"] == ["DONE"]
+    assert pages_landed(spec, 14, k, v, list(range(10, BIG_BLOCKS + 10)))
+    close_and_join([receiver])
+
+
+def test_a_sender_aborted_before_its_first_layer_leaves_the_pair_usable():
+    """The handshake starts when the sender is made; aborting before any layer sends ABORT in slot 0 and
+    a PAD for the one other slot a receiver posts while idle. Both sides in this process (own endpoint)."""
+    ep = DistKVEndpoint("127.0.0.1", 0)
+    try:
+        spec = big_spec("dist-abort-before-data")
+        receiver = create_receiver("dist", spec, *big_caches(), list(range(BIG_BLOCKS)), endpoint=ep)
+        sender = create_sender("dist", spec, address=ep.address)
+        deadline = time.monotonic() + 20
+        while ep.num_groups() == 0 and time.monotonic() < deadline:  # handshake done: recvs get posted
+            time.sleep(0.002)
+        time.sleep(0.05)
+        sender.abort()
+        assert wait_final([receiver], 20) == [KVPoll.FAILED] and "sender aborted" in receiver.error
+        close_and_join([receiver])
+        assert sender.join(5) and sender.poll() == KVPoll.FAILED
+        spec = big_spec("dist-after-abort-before-data")
+        k, v = big_caches()
+        receiver = create_receiver("dist", spec, k, v, list(range(5, BIG_BLOCKS + 5)), endpoint=ep)
+        sender = create_sender("dist", spec, address=ep.address)
+        ks, vs = make_pages(spec, seed=15)
+        for layer in range(spec.num_layers):
+            sender.send_layer(layer, ks[layer], vs[layer])
+        sender.finish(3)
+        assert wait_final([receiver], 20) == [KVPoll.DONE] and receiver.first_token_id == 3
+        assert sender.join(5) and sender.poll() == KVPoll.DONE
+        assert pages_landed(spec, 15, k, v, list(range(5, BIG_BLOCKS + 5)))
+        close_and_join([receiver])
+        assert ep.num_groups() == 1
+    finally:
+        close_all()
+        ep.close()

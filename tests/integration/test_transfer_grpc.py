@@ -50,11 +50,22 @@ def decode_server():
     assert len(servicer) == 0, "a receiver stayed registered"
 
 
+def started(proc: SenderProcess, servicer: KVTransferServicer) -> SenderProcess:
+    """Wait for the child's imports with one small transfer, so a busy machine's slow interpreter start
+    does not eat into the leases the tests measure."""
+    spec = spec_for(f"grpc-warm-up-{proc.process.pid}", lease=120.0)
+    receiver = create_receiver("grpc", spec, *caches(), [0, 1, 2, 3, 4, 5], servicer=servicer)
+    proc.run([job(spec, seed=0)])
+    assert wait_final([receiver], 120) == [KVPoll.DONE] and proc.result(120)["states"] == ["DONE"]
+    receiver.close()
+    return proc
+
+
 @pytest.fixture(scope="module")
 def prefill(decode_server):
     # 4 KiB chunks: every 12 KiB layer crosses in several messages, boundaries inside pages
     with SenderProcess("grpc", target=decode_server[1], chunk_bytes=4096) as proc:
-        yield proc
+        yield started(proc, decode_server[0])
 
 
 def test_concurrent_transfers_arrive_bit_exact(decode_server, prefill):
@@ -106,8 +117,9 @@ def test_killed_sender_fails_the_receiver_before_the_lease(decode_server):
     servicer, target = decode_server
     lease = 8.0
     spec = spec_for("grpc-killed", lease=lease)
-    receiver = create_receiver("grpc", spec, *caches(), [0, 1, 2, 3, 4, 5], servicer=servicer)
     with SenderProcess("grpc", target=target, chunk_bytes=4096) as proc:
+        started(proc, servicer)
+        receiver = create_receiver("grpc", spec, *caches(), [0, 1, 2, 3, 4, 5], servicer=servicer)
         proc.run([job(spec, seed=4, mode="die")])
         proc.process.join(20)
         died = time.monotonic()

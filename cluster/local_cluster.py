@@ -11,7 +11,6 @@ fallback (`addresses`). `stop()` undoes it all in reverse: Ray shutdown ends eve
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,10 +72,9 @@ class LocalCluster:
         self.redis_url = self._redis.url
 
     def _start_ray(self) -> None:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        import ray
+        from cluster.local_ray import start_local_ray
 
-        ray.init(include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False)
+        start_local_ray()
         self._ray_started = True
 
     def _start_model(self, model: ModelDeployment, progress) -> None:

@@ -34,8 +34,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first_pos: int, s
     k = k.to(dt).repeat_interleave(group, dim=1)  # [ctx, Hq, D]
     v = v.to(dt).repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q.to(dt), k) * scale  # [Hq, n, ctx]
-    rows = torch.arange(q.shape[0])[:, None] + first_pos
-    scores = scores.masked_fill(torch.arange(k.shape[0])[None, :] > rows, float("-inf"))
+    rows = torch.arange(q.shape[0], device=q.device)[:, None] + first_pos
+    scores = scores.masked_fill(torch.arange(k.shape[0], device=q.device)[None, :] > rows, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
 
 

@@ -231,15 +231,15 @@ async def _main(args, tokenizer_dir: Path) -> tuple[Run, dict]:
     from cluster.autoscale.policy import AutoscalePolicy
     from cluster.autoscale.ray_actuator import RayActuator
     from cluster.autoscale.replicas import simulated_factory
+    from cluster.local_ray import start_local_ray
     from cluster.model.tokenizer import Tokenizer
     from cluster.router.core import Router
     from cluster.router.dispatch import ModelPool
     from cluster.state import StateStore, start_embedded_redis
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     with tempfile.TemporaryDirectory() as tmp:
         server = start_embedded_redis(Path(tmp) / "redis")
-        ray.init(include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False, configure_logging=False)
+        start_local_ray(configure_logging=False)
         store = StateStore.from_url(server.url)
         decode_sim = {"ttft_s": 0.02, "itl_s": args.itl_ms / 1e3, "vocab_size": VOCAB}
         prefill_sim = {"ttft_s": 0.01, "prefill_s_per_token": 0.0001, "vocab_size": VOCAB}

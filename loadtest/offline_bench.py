@@ -29,10 +29,11 @@ def make_prompts(num_prompts: int, input_len: int, vocab_size: int, seed: int) -
     return [[rng.randrange(16, vocab_size) for _ in range(input_len)] for _ in range(num_prompts)]
 
 
-def run_engine(model_dir: Path, prompts: list[list[int]], output_len: int, dtype: str, profile: bool) -> dict:
+def run_engine(model_dir: Path, prompts: list[list[int]], output_len: int, dtype: str, profile: bool,
+               device: str) -> dict:
     from cluster import LLM, SamplingParams
 
-    llm = LLM(str(model_dir), dtype=dtype)
+    llm = LLM(str(model_dir), dtype=dtype, device=device)
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:4], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up (kernel build, allocator)
     start = time.perf_counter()
@@ -48,16 +49,18 @@ def run_engine(model_dir: Path, prompts: list[list[int]], output_len: int, dtype
     return {"seconds": elapsed, "output_tokens": num_tokens, "output_tok_s": num_tokens / elapsed}
 
 
-def run_transformers(model_dir: Path, prompts: list[list[int]], output_len: int, dtype: str, batch: int) -> dict:
+def run_transformers(model_dir: Path, prompts: list[list[int]], output_len: int, dtype: str, batch: int,
+                     device: str) -> dict:
     from transformers import AutoModelForCausalLM
 
     torch_dtype = torch.float32 if dtype in ("auto", "float32") else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, attn_implementation="sdpa")
+    model = model.to(device).eval()
     num_tokens = 0
     start = time.perf_counter()
     with torch.inference_mode():
         for i in tqdm(range(0, len(prompts), batch), desc="transformers", unit="batch"):
-            ids = torch.tensor(prompts[i : i + batch])
+            ids = torch.tensor(prompts[i : i + batch], device=device)
             out = model.generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len, min_new_tokens=output_len,
                 do_sample=False, pad_token_id=0,
@@ -75,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N], for both systems")
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -98,10 +102,11 @@ def main(argv: list[str] | None = None) -> None:
     runs: dict[str, list[dict]] = {"engine": [], "transformers": []}
     for i in range(args.repeat):
         print(f"run {i + 1}/{args.repeat}")
-        runs["engine"].append(run_engine(args.model, prompts, args.output_len, args.dtype, args.profile))
+        runs["engine"].append(run_engine(args.model, prompts, args.output_len, args.dtype, args.profile,
+                                          args.device))
         if not args.skip_transformers:
             runs["transformers"].append(
-                run_transformers(args.model, prompts, args.output_len, args.dtype, args.hf_batch_size)
+                run_transformers(args.model, prompts, args.output_len, args.dtype, args.hf_batch_size, args.device)
             )
     results = {name: median_run(r) for name, r in runs.items() if r}
     table = render(results, args)
@@ -109,7 +114,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     if args.write:
-        write_section(args.write, "offline-bench", "Offline throughput (engine vs transformers)", table)
+        on_gpu = args.device != "cpu"
+        write_section(args.write, "offline-bench-gpu" if on_gpu else "offline-bench",
+                      f"Offline throughput (engine vs transformers){' on GPU' if on_gpu else ''}", table)
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -119,11 +126,18 @@ def median_run(runs: list[dict]) -> dict:
     return median
 
 
+def machine(device: str) -> str:
+    if device == "cpu":
+        return f"{platform.machine()}, {torch.get_num_threads()} torch threads"
+    return f"{torch.cuda.get_device_name(torch.device(device))}, torch {torch.__version__}"
+
+
 def render(results: dict, args: argparse.Namespace) -> str:
     command = (f"python -m loadtest.offline_bench --num-prompts {args.num_prompts} --input-len {args.input_len} "
-               f"--output-len {args.output_len} --dtype {args.dtype} --repeat {args.repeat}")
+               f"--output-len {args.output_len} --dtype {args.dtype} --repeat {args.repeat}"
+               + (f" --device {args.device}" if args.device != "cpu" else ""))
     lines = [
-        f"Date: {datetime.date.today()} · machine: {platform.machine()}, {torch.get_num_threads()} torch threads "
+        f"Date: {datetime.date.today()} · machine: {machine(args.device)} "
         f"· model: {args.model} ({args.dtype}) · command: `{command}`",
         "",
         f"Median of {args.repeat} run(s) per system, alternating.",

@@ -5,7 +5,6 @@ embedded Redis, the real router in this process; the Ray actuator drains the rem
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Iterator
 
@@ -30,15 +29,6 @@ from pdserve.v1 import worker_pb2_grpc as pb_grpc  # noqa: E402
 
 MODEL, VOCAB, MAX_TOKENS = "drainsim", 2048, 40
 SIM = {"ttft_s": 0.02, "itl_s": 0.05, "vocab_size": VOCAB}  # a stream lasts about 2 s
-
-
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[None]:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False,
-             configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture

@@ -9,13 +9,11 @@ across the whole run every request sent completes (none fails). Delays are secon
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
-import ray
 
 from cluster.autoscale.controller import Controller
 from cluster.autoscale.events import read_events
@@ -41,15 +39,6 @@ POLICY = {
                  "downscale_delay_s": 2.0, "decision_interval_s": 0.25},
     "pools": [{"model": MODEL, "pool": "prefill"}, {"model": MODEL, "pool": "decode"}],
 }
-
-
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[None]:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False,
-             configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture

@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import time
 
-import pytest
 import ray
 
 from cluster.config import EngineConfig
 from cluster.state import StateStore, start_embedded_redis
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False,
-             configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 def test_ray_worker_actor_registers_and_deregisters_on_shutdown(ray_cluster, tiny_model_dir) -> None:

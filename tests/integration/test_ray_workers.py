@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import random
 
 import grpc
-import pytest
 import ray
 
 from cluster.config import EngineConfig
@@ -20,15 +18,6 @@ from pdserve.v1 import worker_pb2 as pb  # noqa: E402
 from pdserve.v1 import worker_pb2_grpc as pb_grpc  # noqa: E402
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, log_to_driver=False,
-             configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 def test_ray_actor_workers_serve_a_disaggregated_request(ray_cluster, tiny_model_dir):

@@ -151,9 +151,8 @@ def bench_pages(num_layers: int, num_blocks: int, num_kv_heads: int, head_dim: i
     for result in bench_checks.check_pages(num_layers, num_blocks, num_kv_heads, head_dim, dtype, device):
         print(result)
     _free()
-    shape = (2 * num_blocks, block_size, num_kv_heads, head_dim)
-    k_caches = [torch.randn(shape, device=device).to(dtype) for _ in range(num_layers)]
-    v_caches = [torch.randn(shape, device=device).to(dtype) for _ in range(num_layers)]
+    shape = (num_layers, 2 * num_blocks, block_size, num_kv_heads, head_dim)  # one allocation, as PagedKVCache
+    k_caches, v_caches = (list(torch.randn(shape, device=device).to(dtype).unbind(0)) for _ in range(2))
     blocks = torch.randperm(2 * num_blocks, device=device)[:num_blocks]
     layers = range(num_layers)
     label = f"L={num_layers} nb={num_blocks} Hkv={num_kv_heads}"

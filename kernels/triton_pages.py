@@ -8,14 +8,17 @@ its own block ids. The int8 variant quantises symmetrically with one float32 sca
 Each layer's cache is its own tensor, so there is one launch per layer; the transfer path ships a
 layer at a time anyway (layer_range of length 1), overlapping the send with the next layer's compute.
 
-Plain copy: one program per (block, BLOCK elements of that block's [bs, H*D] page), K and V
-together. int8: one program per (block, head), two passes over the page's tokens (amax, then
+Plain copy: a token's moved heads are one contiguous run of H*D elements in the cache (heads are a
+contiguous slice) and in the buffer, so a program copies a [tokens, H*D] tile of one block with
+unit-stride, vectorised loads, K and V together. int8: one program per (block, head), two passes over the page's tokens (amax, then
 quantise), so large block sizes never need the whole page in registers.
 
 References: kernels.reference.pack_pages / unpack_pages / pack_pages_int8 / unpack_pages_int8.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -27,33 +30,33 @@ from kernels.reference import QuantizedPages
 
 @triton.jit
 def _copy_pages_kernel(
-    k_cache_ptr,  # [N, bs, Hkv, D]
+    k_cache_ptr,  # [N, bs, Hkv, D], each token's [Hkv, D] contiguous
     v_cache_ptr,
     block_ids_ptr,  # [nb]
-    buf_ptr,  # this layer's [2, nb, bs, H, D]
+    buf_ptr,  # [L, 2, nb, bs, H, D]
     num_pages,
-    head_start,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
+    row_start,  # head_start * D: where the moved heads begin in a token's row
+    stride_kl, stride_kb, stride_kt,  # stride_kl: from one layer's cache to the next's
+    stride_vl, stride_vb, stride_vt,
     BLOCK_SIZE: tl.constexpr,
-    NUM_HEADS: tl.constexpr,  # H, the heads moved
-    HEAD_DIM: tl.constexpr,
-    BLOCK: tl.constexpr,
+    ROW: tl.constexpr,  # H * D, the elements moved per token: one contiguous run in cache and buffer
+    BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     UNPACK: tl.constexpr,
 ):
-    page = tl.program_id(0).to(tl.int64)
-    elems = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    page_elems: tl.constexpr = BLOCK_SIZE * NUM_HEADS * HEAD_DIM
-    mask = elems < page_elems
-    # Constant divisors: these compile to multiplies and shifts.
-    tok = elems // (NUM_HEADS * HEAD_DIM)
-    head = elems // HEAD_DIM % NUM_HEADS + head_start
-    dim = elems % HEAD_DIM
+    layer = tl.program_id(0).to(tl.int64) // num_pages
+    page = tl.program_id(0).to(tl.int64) % num_pages
+    k_cache_ptr += layer * stride_kl
+    v_cache_ptr += layer * stride_vl
+    buf_ptr += layer * (2 * num_pages * BLOCK_SIZE * ROW)
+    tok = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]  # [BLOCK_T, 1]
+    col = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)[None, :]  # [1, BLOCK_R], unit stride
+    mask = (tok < BLOCK_SIZE) & (col < ROW)
     block = tl.load(block_ids_ptr + page).to(tl.int64)
-    k_addr = k_cache_ptr + block * stride_kb + tok * stride_kt + head * stride_kh + dim
-    v_addr = v_cache_ptr + block * stride_vb + tok * stride_vt + head * stride_vh + dim
-    k_buf = buf_ptr + page * page_elems + elems
-    v_buf = k_buf + num_pages * page_elems
+    k_addr = k_cache_ptr + block * stride_kb + row_start + tok * stride_kt + col
+    v_addr = v_cache_ptr + block * stride_vb + row_start + tok * stride_vt + col
+    k_buf = buf_ptr + page * (BLOCK_SIZE * ROW) + tok * ROW + col
+    v_buf = k_buf + num_pages * (BLOCK_SIZE * ROW)
     if UNPACK:
         tl.store(k_addr, tl.load(k_buf, mask=mask).to(k_cache_ptr.dtype.element_ty), mask=mask)
         tl.store(v_addr, tl.load(v_buf, mask=mask).to(v_cache_ptr.dtype.element_ty), mask=mask)
@@ -145,32 +148,72 @@ def _heads(head_range: range | None, cache: torch.Tensor) -> range:
 
 def _check_caches(k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], layer_range: range) -> None:
     for layer in layer_range:
-        if k_caches[layer].stride(-1) != 1 or v_caches[layer].stride(-1) != 1:
-            raise ValueError("KV caches must have a unit-stride head_dim axis")
+        for cache in (k_caches[layer], v_caches[layer]):
+            if cache.stride(-1) != 1 or cache.stride(-2) != cache.shape[-1]:
+                raise ValueError("KV caches must hold each token's [heads, head_dim] contiguously")
 
 
-def _copy_grid_args(cache: torch.Tensor, heads: range) -> tuple[int, int]:
-    """(BLOCK, programs per page) for the plain copy."""
-    page_elems = cache.shape[1] * len(heads) * cache.shape[3]
-    block = min(tu.next_pow2(page_elems), 256 if tu.is_interpreter() else 2048)
-    return block, triton.cdiv(page_elems, block)
+@dataclass(frozen=True)
+class CopyTile:
+    """Launch shape of the plain copy: elements per program and warps (kernels.sweep times the options)."""
+
+    elems: int
+    num_warps: int
+
+    def __post_init__(self) -> None:
+        if self.elems < 16 or self.elems & (self.elems - 1):
+            raise ValueError(f"elems must be a power of two >= 16, got {self.elems}")
 
 
-def _launch_copy(buffer, k_caches, v_caches, layer_range, block_ids, heads, unpack: bool) -> None:
+def default_copy_tile() -> CopyTile:
+    return CopyTile(256, 1) if tu.is_interpreter() else CopyTile(4096, 4)
+
+
+def _launch_copy(buffer, k_caches, v_caches, layer_range, block_ids, heads, unpack: bool,
+                 tile: CopyTile | None) -> None:
     _check_caches(k_caches, v_caches, layer_range)
     cache = k_caches[layer_range.start]
-    block, chunks = _copy_grid_args(cache, heads)
     num_pages = block_ids.shape[0]
     if num_pages == 0:
         return
-    for i, layer in enumerate(layer_range):
-        k, v = k_caches[layer], v_caches[layer]
-        _copy_pages_kernel[(num_pages, chunks)](
-            k, v, block_ids, buffer[i], num_pages, heads.start,
-            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            BLOCK_SIZE=cache.shape[1], NUM_HEADS=len(heads), HEAD_DIM=cache.shape[3], BLOCK=block,
-            UNPACK=unpack, num_warps=4,
+    tile = tile or default_copy_tile()
+    block_size, head_dim = cache.shape[1], cache.shape[3]
+    row = len(heads) * head_dim
+    block_r = min(tu.next_pow2(row), tile.elems)
+    block_t = min(tu.next_pow2(block_size), max(1, tile.elems // block_r))
+    # Python-side launch cost (~40 us on an H200) dwarfs a layer's copy: one launch covers every layer
+    # when the caches are views of one allocation at a fixed layer stride (PagedKVCache's), else one each.
+    k_stride, v_stride = _layer_stride(k_caches, layer_range), _layer_stride(v_caches, layer_range)
+    if k_stride is not None and v_stride is not None:
+        spans = [(layer_range, k_stride, v_stride)]
+    else:
+        spans = [(range(layer, layer + 1), 0, 0) for layer in layer_range]
+    for span, k_stride, v_stride in spans:
+        k, v = k_caches[span.start], v_caches[span.start]
+        first = span.start - layer_range.start
+        grid = (len(span) * num_pages, triton.cdiv(block_size, block_t), triton.cdiv(row, block_r))
+        _copy_pages_kernel[grid](
+            k, v, block_ids, buffer[first:], num_pages, heads.start * head_dim,
+            k_stride, k.stride(0), k.stride(1), v_stride, v.stride(0), v.stride(1),
+            BLOCK_SIZE=block_size, ROW=row, BLOCK_T=block_t, BLOCK_R=block_r, UNPACK=unpack,
+            num_warps=tile.num_warps,
         )
+
+
+def _layer_stride(caches: list[torch.Tensor], layer_range: range) -> int | None:
+    """Elements from each layer's cache to the next's, when that is one constant; else None."""
+    first = caches[layer_range.start]
+    if len(layer_range) == 1:
+        return 0
+    step_bytes = caches[layer_range.start + 1].data_ptr() - first.data_ptr()
+    if step_bytes == 0 or step_bytes % first.element_size():
+        return None
+    for i, layer in enumerate(layer_range):
+        cache = caches[layer]
+        if (cache.shape != first.shape or cache.stride() != first.stride() or cache.dtype != first.dtype
+                or cache.device != first.device or cache.data_ptr() != first.data_ptr() + i * step_bytes):
+            return None
+    return step_bytes // first.element_size()
 
 
 def pack_pages(
@@ -181,6 +224,7 @@ def pack_pages(
     head_range: range | None = None,
     *,
     out: torch.Tensor | None = None,  # a contiguous buffer to fill, e.g. a registered send buffer
+    tile: CopyTile | None = None,  # launch shape; None = default_copy_tile()
 ) -> torch.Tensor:  # [L, 2, nb, bs, H, D]
     cache = k_caches[layer_range.start]
     heads = _heads(head_range, cache)
@@ -188,7 +232,7 @@ def pack_pages(
     buffer = torch.empty(shape, dtype=cache.dtype, device=cache.device) if out is None else out
     if tuple(buffer.shape) != shape or buffer.dtype != cache.dtype or not buffer.is_contiguous():
         raise ValueError(f"out must be a contiguous {cache.dtype} tensor of shape {shape}")
-    _launch_copy(buffer, k_caches, v_caches, layer_range, block_ids, heads, unpack=False)
+    _launch_copy(buffer, k_caches, v_caches, layer_range, block_ids, heads, unpack=False, tile=tile)
     return buffer
 
 
@@ -199,10 +243,12 @@ def unpack_pages(
     layer_range: range,
     block_ids: torch.Tensor,  # [nb] destination blocks
     head_range: range | None = None,
+    *,
+    tile: CopyTile | None = None,  # launch shape; None = default_copy_tile()
 ) -> None:
     heads = _heads(head_range, k_caches[layer_range.start])
     _check_buffer(buffer, k_caches[layer_range.start], layer_range, block_ids, heads)
-    _launch_copy(buffer.contiguous(), k_caches, v_caches, layer_range, block_ids, heads, unpack=True)
+    _launch_copy(buffer.contiguous(), k_caches, v_caches, layer_range, block_ids, heads, unpack=True, tile=tile)
 
 
 def _check_buffer(buffer: torch.Tensor, cache: torch.Tensor, layer_range: range, block_ids: torch.Tensor,
@@ -261,6 +307,8 @@ def unpack_pages_int8(
     layer_range: range,
     block_ids: torch.Tensor,  # [nb] destination blocks
     head_range: range | None = None,
+    *,
+    tile: CopyTile | None = None,  # launch shape; None = default_copy_tile()
 ) -> None:
     heads = _heads(head_range, k_caches[layer_range.start])
     _check_buffer(packed.data, k_caches[layer_range.start], layer_range, block_ids, heads)

@@ -23,6 +23,8 @@ class PagedKVCache:
         self.scale = head_dim**-0.5 if scale is None else scale
         # Called with the layer index once a layer's new K/V are in the cache (KV transfer hooks here).
         self.layer_listener: Callable[[int], None] | None = None
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.k_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # One allocation per K and V, viewed per layer: a whole-request page copy (kernels.triton_pages)
+        # then spans every layer in one launch, by a single layer stride.
+        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        self.k_caches = list(torch.zeros(shape, dtype=dtype, device=device).unbind(0))
+        self.v_caches = list(torch.zeros(shape, dtype=dtype, device=device).unbind(0))

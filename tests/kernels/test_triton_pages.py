@@ -9,23 +9,33 @@ from kernels import reference
 from kernels.reference import QuantizedPages
 from kernels.triton_pages import pack_pages, pack_pages_int8, unpack_pages, unpack_pages_int8
 
-NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM = 2, 9, 8, 4, 32
+NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM = 3, 9, 8, 4, 32
+# How a cache's layers sit in memory: a tensor each (one launch per layer), views of one allocation
+# (PagedKVCache's; one launch for all layers), and such views listed last layer first (negative stride).
+LAYOUTS = ["tensor_per_layer", "one_allocation", "one_allocation_reversed"]
 
 
-def caches(dtype: torch.dtype, fill: float | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def caches(dtype: torch.dtype, fill: float | None = None,
+           layout: str = "tensor_per_layer") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def make(*shape: int) -> torch.Tensor:
+        return torch.randn(shape).to(dtype) if fill is None else torch.full(shape, fill, dtype=dtype)
+
     shape = (NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
-    make = (lambda: torch.randn(shape).to(dtype)) if fill is None else (lambda: torch.full(shape, fill, dtype=dtype))
-    return [make() for _ in range(NUM_LAYERS)], [make() for _ in range(NUM_LAYERS)]
+    if layout == "tensor_per_layer":
+        return [make(*shape) for _ in range(NUM_LAYERS)], [make(*shape) for _ in range(NUM_LAYERS)]
+    k, v = (list(make(NUM_LAYERS, *shape).unbind(0)) for _ in range(2))
+    return (k[::-1], v[::-1]) if layout == "one_allocation_reversed" else (k, v)
 
 
-# (layers, KV heads): all of them; one layer and a TP rank's head slice.
-RANGES = [(range(0, 2), None), (range(1, 2), range(2, 4))]
+# (layers, KV heads): all of them; two layers not starting at 0; one layer and a TP rank's head slice.
+RANGES = [(range(0, 3), None), (range(1, 3), range(0, 2)), (range(1, 2), range(2, 4))]
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("layers,heads", RANGES)
-def test_pack_unpack_match_reference(dtype, layers, heads):
-    k_src, v_src = caches(dtype)
+def test_pack_unpack_match_reference(dtype, layers, heads, layout):
+    k_src, v_src = caches(dtype, layout=layout)
     src_blocks = torch.randperm(NUM_BLOCKS)[:4]  # shuffled, non-contiguous
     ref = reference.pack_pages(k_src, v_src, layers, src_blocks, heads)
     buffer = torch.full_like(ref, float("nan"))
@@ -33,7 +43,7 @@ def test_pack_unpack_match_reference(dtype, layers, heads):
     assert torch.equal(buffer, ref)  # a copy: bit-exact
 
     dst_blocks = torch.randperm(NUM_BLOCKS)[:4]
-    k_dst, v_dst = caches(dtype, fill=float("nan"))
+    k_dst, v_dst = caches(dtype, fill=float("nan"), layout=layout)
     k_ref, v_ref = caches(dtype, fill=float("nan"))
     unpack_pages(buffer, k_dst, v_dst, layers, dst_blocks, heads)
     reference.unpack_pages(buffer, k_ref, v_ref, layers, dst_blocks, heads)

@@ -178,6 +178,11 @@ class LLMEngine:
     def num_kv_transfer_fallbacks(self) -> int:
         return self.transfers.num_fallbacks
 
+    @property
+    def num_kv_bytes_received(self) -> int:
+        """KV page bytes that arrived in completed transfers (on a TP replica: rank 0's pieces)."""
+        return self.transfers.num_bytes_received
+
     # ----------------------------------------------------------------------------------- the step
     def step(self) -> list[RequestOutput]:
         outputs = self._admit_transferred()

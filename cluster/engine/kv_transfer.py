@@ -37,6 +37,7 @@ class KVTransferCoordinator:
         self.senders: dict[str, _PendingSend] = {}
         self.receivers: dict[str, KVReceiver] = {}
         self.num_fallbacks = 0
+        self.num_bytes_received = 0  # KV page bytes of completed incoming transfers (this rank's pieces)
         self._step_sends: list[tuple[str, KVSender, torch.Tensor]] = []
         attn_backend.layer_listener = self._on_layer_written
 
@@ -85,6 +86,7 @@ class KVTransferCoordinator:
             state = receiver.poll()
             if state == KVPoll.DONE:
                 arrived.append((request_id, receiver.first_token_id))
+                self.num_bytes_received += receiver.nbytes
             elif state == KVPoll.FAILED:
                 failed.append(request_id)
                 self.num_fallbacks += 1

@@ -131,6 +131,10 @@ class RoutedReceiver(KVReceiver):
     def first_token_id(self) -> int:
         return self.receivers[0].first_token_id  # every piece's final message carries the same token
 
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self.receivers)
+
     def abort(self) -> None:
         for r in self.receivers:
             r.abort()

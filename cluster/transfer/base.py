@@ -175,6 +175,11 @@ class KVReceiver(abc.ABC):
     def first_token_id(self) -> int:
         """The token the prefill worker sampled; valid once poll() is DONE."""
 
+    @property
+    def nbytes(self) -> int:
+        """KV page bytes this receiver takes in when the transfer completes."""
+        return self.spec.total_nbytes
+
     @abc.abstractmethod
     def abort(self) -> None:
         """Give up: FAILED, and no later message writes into the caches."""

@@ -56,8 +56,7 @@ def engine_load(engine: LLMEngine) -> LoadReport:
         num_waiting_for_kv=len(scheduler.waiting_for_kv), num_free_blocks=kv.num_free_blocks,
         num_total_blocks=kv.num_blocks, kv_usage=kv.usage, prefix_cache_hits=kv.prefix_cache_hits,
         prefix_cache_queries=kv.prefix_cache_queries, kv_transfer_fallbacks=engine.num_kv_transfer_fallbacks,
-        max_num_seqs=engine.config.max_num_seqs,
-        # kv_transfer_bytes stays 0: the engine counts no received bytes yet.
+        kv_transfer_bytes=engine.num_kv_bytes_received, max_num_seqs=engine.config.max_num_seqs,
     )
 
 

@@ -84,6 +84,11 @@ def test_prefill_to_decode_equals_unified(preset, preset_model_dir):
     assert [got[rid] for rid in ids] == want
     assert [first[rid][0] for rid in ids] == [w[0] for w in want]
     assert decode.num_kv_transfer_fallbacks == 0
+    # Every prompt block crossed (a fresh decode cache holds no prefix): K and V, every layer, fp32.
+    arch, block_size = decode.arch, decode.config.block_size
+    num_blocks = sum(-(-len(p) // block_size) for p in prompts)
+    assert decode.num_kv_bytes_received == (num_blocks * block_size * arch.num_kv_heads * arch.head_dim * 4
+                                            * 2 * arch.num_layers)
     prefill.kv_manager.check_no_leaks()
     decode.kv_manager.check_no_leaks()
 

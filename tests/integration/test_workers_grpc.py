@@ -16,6 +16,7 @@ import pytest
 
 from cluster.config import EngineConfig
 from cluster.engine.engine import LLMEngine
+from cluster.model.arch import ModelArchConfig
 from cluster.protogen import ensure_generated
 from cluster.request import SamplingParams
 from cluster.worker.convert import params_to_pb
@@ -94,6 +95,10 @@ def test_disaggregated_over_grpc_equals_unified(workers, tiny_model_dir):
     assert results[-1][2] == 2  # two full blocks of the shared prefix were not sent again
     stats = decode.Stats(pb.StatsRequest())
     assert stats.kv_transfer_fallbacks == 0
+    # The blocks that crossed (every prompt's, less the 2 the decode worker held), K and V, fp32.
+    arch = ModelArchConfig.from_dir(tiny_model_dir)
+    block_bytes = 2 * arch.num_layers * 16 * arch.num_kv_heads * arch.head_dim * 4
+    assert stats.kv_transfer_bytes == block_bytes * (sum(-(-len(p) // 16) for p in prompts) - 2)
     assert stats.num_free_blocks == stats.num_total_blocks  # nothing leaked on the decode worker
     p_stats = prefill.Stats(pb.StatsRequest())
     assert p_stats.num_free_blocks == p_stats.num_total_blocks

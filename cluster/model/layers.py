@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cluster.model import cpu_gemm
 from cluster.model.linear import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -109,8 +110,12 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """hidden -> logits over the vocabulary; each rank scores its vocab range, then they are gathered."""
 
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup = SINGLE_RANK):
+        super().__init__(vocab_size, hidden_size, tp)
+        self.packed_weight: torch.Tensor | None = None  # set after loading by cpu_gemm.pack_linear_layers
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [S, hidden] -> [S, vocab]
-        logits = F.linear(hidden, self.weight)  # [S, vocab_per_rank]
+        logits = cpu_gemm.linear(hidden, self.weight, None, self.packed_weight)  # [S, vocab_per_rank]
         if self.tp.size > 1:
             logits = self.tp.all_gather_last_dim(logits)  # [S, padded_vocab]
         return logits[:, : self.vocab_size]

@@ -14,9 +14,9 @@ checkpoint tensor (e.g. all of `k_proj.weight`) and copies in this rank's slice 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from cluster.model import cpu_gemm
 from cluster.parallel.state import SINGLE_RANK, TPGroup
 
 
@@ -57,6 +57,7 @@ class ColumnParallelLinear(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        self.packed_weight: torch.Tensor | None = None  # set after loading by cpu_gemm.pack_linear_layers
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
         size = param.shape[0]
@@ -64,7 +65,7 @@ class ColumnParallelLinear(nn.Module):
         _copy_checked(param.data, loaded_weight.narrow(0, self.tp.rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return cpu_gemm.linear(x, self.weight, self.bias, self.packed_weight)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -149,6 +150,7 @@ class RowParallelLinear(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        self.packed_weight: torch.Tensor | None = None  # set after loading by cpu_gemm.pack_linear_layers
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
         if param.dim() == 1:  # the bias is not sharded
@@ -159,5 +161,5 @@ class RowParallelLinear(nn.Module):
         _copy_checked(param.data, loaded_weight.narrow(1, self.tp.rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias if self.tp.is_first else None)
+        y = cpu_gemm.linear(x, self.weight, self.bias if self.tp.is_first else None, self.packed_weight)
         return self.tp.all_reduce(y)

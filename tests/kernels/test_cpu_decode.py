@@ -16,9 +16,10 @@ def kernel():
 
 
 def make_case(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
-              max_len: int, dtype: torch.dtype):
+              max_len: int, dtype: torch.dtype, *, one_token_first: bool = True):
     lens = torch.randint(1, max_len + 1, (num_seqs,))
-    lens[0] = 1  # a context of one token
+    if one_token_first:
+        lens[0] = 1  # a context of one token
     blocks_per_seq = (lens + block_size - 1) // block_size
     max_blocks = int(blocks_per_seq.max())
     num_blocks = int(blocks_per_seq.sum()) + 3
@@ -48,6 +49,21 @@ def test_kernel_matches_float64_reference(kernel, dtype, group, head_dim):
     assert out.shape == ref.shape and out.dtype == torch.float32
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("num_seqs,num_kv_heads,threads", [(1, 4, 4), (1, 3, 2), (2, 4, 3), (3, 1, 4)])
+def test_fewer_sequences_than_threads_split_by_kv_head(kernel, num_seqs, num_kv_heads, threads):
+    """With fewer sequences than threads each sequence is split into kv-head ranges (uneven ones too)."""
+    q, k, v, tables, lens = make_case(num_seqs, 2 * num_kv_heads, num_kv_heads, 64, 16, 70, torch.float32,
+                                      one_token_first=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = kernel(q, k, v, tables, lens, 0.125)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out, cpu_decode.paged_decode_reference(q, k, v, tables, lens, 0.125),
+                               atol=2e-5, rtol=2e-5)
 
 
 def test_backend_uses_kernel_and_matches_plain_torch(kernel):

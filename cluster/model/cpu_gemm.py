@@ -12,7 +12,12 @@ So both are kept: batches under PACKED_MIN_ROWS rows take the plain weight, larg
 copy. That doubles the memory of the linear weights, which on CPU (the small models it serves)
 buys 20 % faster decode steps at the batch sizes a loaded server runs.
 
-Applies to float32 on CPU where torch has oneDNN; everywhere else the layers keep F.linear alone.
+bfloat16 weights are packed too where the CPU has bf16 instructions (AVX512-BF16 / AMX), and used at
+every row count: on a Sapphire Rapids-class host (2 cores), [2816, 512] at 1 row 118 → 49 µs, at 16 rows
+116 → 56 µs, at 256 rows 448 → 368 µs; a small-preset decode step at batch 16 takes 11.0 ms in bf16
+against 18.4 ms in packed fp32.
+
+Applies on CPU where torch has oneDNN; everywhere else the layers keep F.linear alone.
 """
 
 from __future__ import annotations
@@ -23,17 +28,22 @@ from torch import nn
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    if weight.device.type != "cpu" or weight.dim() != 2 or not torch.backends.mkldnn.is_available():
+        return False
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    if weight.dtype == torch.bfloat16:  # where the CPU has bf16 instructions (AVX512-BF16 / AMX)
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return weight.dtype == torch.float32
 
 
-PACKED_MIN_ROWS = 8  # measured crossover above (decode steps of 4 vs 8 sequences)
+PACKED_MIN_ROWS = 8  # fp32: measured crossover above (decode steps of 4 vs 8 sequences)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            packed: torch.Tensor | None) -> torch.Tensor:
-    """x W^T + b: through the packed weight when there is one and x has enough rows."""
-    if packed is None or x.dim() != 2 or x.shape[0] < PACKED_MIN_ROWS:
+    """x W^T + b: through the packed weight when there is one (fp32: and x has enough rows)."""
+    if packed is None or x.dim() != 2 or (x.dtype == torch.float32 and x.shape[0] < PACKED_MIN_ROWS):
         return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 

@@ -35,3 +35,14 @@ def test_loading_on_cpu_packs_every_projection_and_the_lm_head(tiny_model_dir):
         if isinstance(m, ParallelLMHead):
             want = want[:, : m.vocab_size]
         torch.testing.assert_close(m(x), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_bf16_weights_pack_exactly_where_the_cpu_has_bf16_instructions(rows):
+    weight, x = torch.randn(96, 80).bfloat16(), torch.randn(rows, 80).bfloat16()
+    has_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert cpu_gemm.can_pack(weight) == has_bf16
+    if has_bf16:  # bf16 takes the packed path at every row count
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+        got = cpu_gemm.linear(x, weight, None, packed)
+        torch.testing.assert_close(got.float(), F.linear(x.float(), weight.float()), atol=0.05, rtol=0.02)

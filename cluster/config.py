@@ -21,7 +21,7 @@ _BACKENDS = ("auto", "torch", "cpu", "triton")
 
 @dataclass
 class EngineConfig:
-    dtype: str = "auto"  # weights and KV cache dtype; auto = float32 on CPU, the checkpoint's dtype on GPU
+    dtype: str = "auto"  # weights and KV cache dtype; auto = float32 on CPU, bfloat16 on GPU
     device: str = "cpu"  # "cpu" or "cuda[:N]"
     block_size: int = 16  # tokens per KV-cache block
     num_kv_blocks: int | None = None  # KV blocks to allocate; None = derive from kv_cache_memory_gib

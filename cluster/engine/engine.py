@@ -283,6 +283,8 @@ class LLMEngine:
 
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
-        # bf16 matmuls on CPUs without AVX-512 BF16 are several times slower than fp32.
+        # bf16 matmuls on CPUs without AVX512-BF16/AMX are several times slower than fp32; on CPUs with
+        # them bf16 is several times faster (cluster/model/cpu_gemm.py), but auto stays one answer on
+        # every CPU so that results do not change with the host: set bfloat16 there explicitly.
         return torch.float32 if device.type == "cpu" else torch.bfloat16
     return _DTYPES[name]

@@ -1,4 +1,5 @@
-"""The CPU paged decode-attention kernel (kernels/csrc/paged_decode_attention.cpp), built on first use.
+"""The CPU kernels (kernels/csrc/): paged decode attention, and the fused RMSNorm / SwiGLU ops of
+cpu_elementwise.cpp (torch.ops.pdserve_cpu.*), built on first use.
 
 `load()` compiles it with torch's C++ extension builder (cached under TORCH_EXTENSIONS_DIR, so only
 the first process on a machine pays the ~30 s) and returns the op, or None when no compiler is
@@ -15,7 +16,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "csrc" / "paged_decode_attention.cpp"
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_decode_attention.cpp", "cpu_elementwise.cpp")]
 
 
 @functools.cache
@@ -25,7 +26,7 @@ def load():
 
         load(
             name="pdserve_cpu_kernels",
-            sources=[str(_SOURCE)],
+            sources=[str(path) for path in _SOURCES],
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,

@@ -50,8 +50,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
         self.weight.weight_loader = default_weight_loader
+        self.use_cpu_kernel = False  # set by cpu_kernels.attach: one fused C++ op (kernels/csrc) instead of ~8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim] -> [..., dim]
+        if self.use_cpu_kernel and x.is_contiguous():
+            return torch.ops.pdserve_cpu.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -59,6 +62,8 @@ class RMSNorm(nn.Module):
 
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The pre-norm residual step: residual += x, then normalise it. Returns (normed, new residual)."""
+        if self.use_cpu_kernel and x.is_contiguous() and residual.is_contiguous():
+            return torch.ops.pdserve_cpu.add_rms_norm(x, residual, self.weight, self.eps)
         residual = residual + x
         return self.forward(residual), residual
 
@@ -66,7 +71,13 @@ class RMSNorm(nn.Module):
 class SiluAndMul(nn.Module):
     """SwiGLU gate: [gate | up] -> silu(gate) * up, halving the last dim."""
 
+    def __init__(self):
+        super().__init__()
+        self.use_cpu_kernel = False  # set by cpu_kernels.attach
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
+        if self.use_cpu_kernel and x.dim() == 2 and x.is_contiguous():
+            return torch.ops.pdserve_cpu.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from cluster.model import cpu_gemm
+from cluster.model import cpu_gemm, cpu_kernels
 from cluster.model.arch import ModelArchConfig
 from cluster.model.layers import default_weight_loader
 from cluster.model.llama import LlamaForCausalLM
@@ -136,7 +136,9 @@ def load_model(
         model = LlamaForCausalLM(cfg, tp or SINGLE_RANK)
     load_weights(model, iter_checkpoint(model_dir))
     model.eval()
-    cpu_gemm.pack_linear_layers(model)  # CPU fp32: weights packed once for oneDNN (a no-op elsewhere)
+    cpu_gemm.pack_linear_layers(model)  # CPU: weights packed once for oneDNN (a no-op elsewhere)
+    if torch.device(device).type == "cpu":
+        cpu_kernels.attach(model)  # fused RMSNorm / SwiGLU ops
     return model, cfg
 
 

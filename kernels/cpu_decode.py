@@ -9,6 +9,7 @@ available; callers then fall back to the gather + SDPA path in plain torch.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from pathlib import Path
 
@@ -19,13 +20,20 @@ logger = logging.getLogger(__name__)
 _SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_decode_attention.cpp", "cpu_elementwise.cpp")]
 
 
+def _extension_name() -> str:
+    """Named by the sources' content: two checkouts (or versions) on one machine never share a build
+    directory under TORCH_EXTENSIONS_DIR, where one would load the other's stale library."""
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in _SOURCES)).hexdigest()[:12]
+    return f"pdserve_cpu_kernels_{digest}"
+
+
 @functools.cache
 def load():
     try:
         from torch.utils.cpp_extension import load
 
         load(
-            name="pdserve_cpu_kernels",
+            name=_extension_name(),
             sources=[str(path) for path in _SOURCES],
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
             extra_ldflags=["-fopenmp"],

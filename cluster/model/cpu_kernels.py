@@ -1,7 +1,7 @@
-"""Switches a CPU model's RMSNorms and SwiGLU gates to the fused C++ ops of kernels/csrc.
+"""Switches a CPU model's RMSNorms, SwiGLU gates and rotary embeddings to the fused C++ ops of kernels/csrc.
 
 At decode batch sizes those small ops cost more in dispatch than in arithmetic: RMSNorm with its
-residual add is ~9 torch ops, the gate 3. The fused ops (kernels/csrc/cpu_elementwise.cpp) round
+residual add is ~9 torch ops, the gate 3, rotary ~15. The fused ops (kernels/csrc/cpu_elementwise.cpp) round
 exactly where the torch code does, so outputs match it. Without a compiler the extension does not
 build (kernels.cpu_decode.load returns None) and the layers keep their torch code.
 """
@@ -11,17 +11,18 @@ from __future__ import annotations
 from torch import nn
 
 from cluster.model.layers import RMSNorm, SiluAndMul
+from cluster.model.rotary import RotaryEmbedding
 
 
 def attach(model: nn.Module) -> int:
-    """Use the fused ops in every RMSNorm and SiluAndMul of `model`; returns how many layers switched."""
+    """Use the fused ops in every RMSNorm, SiluAndMul and RotaryEmbedding of `model`; returns how many switched."""
     from kernels import cpu_decode
 
     if cpu_decode.load() is None:
         return 0
     switched = 0
     for module in model.modules():
-        if isinstance(module, RMSNorm | SiluAndMul):
+        if isinstance(module, RMSNorm | SiluAndMul | RotaryEmbedding):
             module.use_cpu_kernel = True
             switched += 1
     return switched

@@ -62,6 +62,7 @@ class RotaryEmbedding(nn.Module):
         # rather than casting it), so angles at large positions stay exact; rows are cast per step
         cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)  # [P, D]
         self.register_buffer("cos_sin_cache", cache, persistent=False)
+        self.use_cpu_kernel = False  # set by cpu_kernels.attach
 
     def forward(
         self,
@@ -69,6 +70,8 @@ class RotaryEmbedding(nn.Module):
         q: torch.Tensor,  # [T, Hq, D]
         k: torch.Tensor,  # [T, Hkv, D]
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.use_cpu_kernel:  # one fused op (kernels/csrc/cpu_elementwise.cpp), same roundings
+            return torch.ops.pdserve_cpu.rotary(q, k, self.cos_sin_cache, positions)
         cos_sin = self.cos_sin_cache.index_select(0, positions).to(q.dtype)  # [T, D]
         cos, sin = cos_sin.unsqueeze(1).chunk(2, dim=-1)  # [T, 1, D/2] each
         return _rotate(q, cos, sin), _rotate(k, cos, sin)

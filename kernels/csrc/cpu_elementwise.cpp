@@ -1,5 +1,5 @@
-// Fused CPU versions of the decoder layer's small ops: RMSNorm (with the residual add before it) and
-// the SwiGLU gate. In plain torch each is 3–9 ops, every one a pass over the activations plus a few
+// Fused CPU versions of the decoder layer's small ops: RMSNorm (with the residual add before it), the
+// SwiGLU gate and the rotary embedding. In plain torch each is 3–9 ops, every one a pass over the activations plus a few
 // microseconds of dispatch; at decode batch sizes that dispatch is most of their cost.
 //
 // Rounding follows the torch code in cluster/model/layers.py step by step, so results match it:
@@ -105,9 +105,60 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
   return out;
 }
 
+// Rotary embedding, half-rotation ("neox") layout, for q [T, Hq, D] and k [T, Hkv, D] (strided views
+// of the fused qkv output are fine: a token's heads only need unit stride within each head). cos/sin
+// rows come from cos_sin_cache [P, D] (float32: [cos | sin]) at `positions`, cast to the input dtype
+// first, as the torch code does: out = [x1 cos - x2 sin | x2 cos + x1 sin], every product and sum
+// rounded to the dtype. Returns new contiguous q and k.
+template <typename scalar_t>
+void rotate_heads(const scalar_t* x, int64_t stride_t, int64_t stride_h, int64_t num_heads, int64_t half,
+                  const scalar_t* cs, scalar_t* out, int64_t t) {
+  for (int64_t h = 0; h < num_heads; ++h) {
+    const scalar_t* xh = x + t * stride_t + h * stride_h;
+    scalar_t* oh = out + (t * num_heads + h) * 2 * half;
+    for (int64_t i = 0; i < half; ++i) {
+      const float x1 = static_cast<float>(xh[i]), x2 = static_cast<float>(xh[i + half]);
+      const float c = static_cast<float>(cs[i]), s = static_cast<float>(cs[i + half]);
+      const float x1c = static_cast<float>(static_cast<scalar_t>(x1 * c));
+      const float x2s = static_cast<float>(static_cast<scalar_t>(x2 * s));
+      const float x2c = static_cast<float>(static_cast<scalar_t>(x2 * c));
+      const float x1s = static_cast<float>(static_cast<scalar_t>(x1 * s));
+      oh[i] = static_cast<scalar_t>(x1c - x2s);
+      oh[i + half] = static_cast<scalar_t>(x2c + x1s);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos_sin_cache,
+                                          const at::Tensor& positions) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.size(0) == k.size(0) && q.size(2) == k.size(2),
+              "rotary: q must be [T, Hq, D] and k [T, Hkv, D]");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && q.size(2) % 2 == 0, "rotary: head_dim must be even, unit stride");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type(), "rotary: q and k must have one dtype");
+  TORCH_CHECK(cos_sin_cache.dim() == 2 && cos_sin_cache.size(1) == q.size(2), "rotary: cache must be [P, D]");
+  const int64_t tokens = q.size(0), dim = q.size(2), half = dim / 2;
+  auto pos = positions.to(at::kLong).contiguous();
+  auto cache = cos_sin_cache.index_select(0, pos).to(q.scalar_type()).contiguous();  // [T, D], rounded like torch
+  auto q_out = at::empty({tokens, q.size(1), dim}, q.options());
+  auto k_out = at::empty({tokens, k.size(1), dim}, k.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "rotary", [&] {
+    const scalar_t* cs = cache.data_ptr<scalar_t>();
+    at::parallel_for(0, tokens, grain_for((q.size(1) + k.size(1)) * dim), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        rotate_heads<scalar_t>(q.data_ptr<scalar_t>(), q.stride(0), q.stride(1), q.size(1), half, cs + t * dim,
+                               q_out.data_ptr<scalar_t>(), t);
+        rotate_heads<scalar_t>(k.data_ptr<scalar_t>(), k.stride(0), k.stride(1), k.size(1), half, cs + t * dim,
+                               k_out.data_ptr<scalar_t>(), t);
+      }
+    });
+  });
+  return {q_out, k_out};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pdserve_cpu, m) {
+  m.def("rotary(Tensor q, Tensor k, Tensor cos_sin_cache, Tensor positions) -> (Tensor, Tensor)");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("silu_and_mul(Tensor x) -> Tensor");
@@ -117,4 +168,5 @@ TORCH_LIBRARY_IMPL(pdserve_cpu, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("rotary", &rotary);
 }

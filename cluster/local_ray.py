@@ -10,7 +10,8 @@ logger = logging.getLogger(__name__)
 STARTUP_ATTEMPTS = 3
 
 
-def start_local_ray(*, num_cpus: int | None = None, object_store_mib: int = 100, **options) -> None:
+def start_local_ray(*, num_cpus: int | None = None, object_store_mib: int = 100,
+                    configure_logging: bool = True) -> None:
     """ray.init() a new local cluster: no dashboard, a small object store, token auth off unless set.
 
     Ray gives a starting raylet a fixed 30 s to register with its GCS ("The current node timed out
@@ -23,11 +24,11 @@ def start_local_ray(*, num_cpus: int | None = None, object_store_mib: int = 100,
     for attempt in range(1, STARTUP_ATTEMPTS + 1):
         try:
             ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=object_store_mib * 2**20,
-                     log_to_driver=False, **options)
+                     log_to_driver=False, configure_logging=configure_logging)
             return
         except Exception as error:  # noqa: BLE001 - Ray raises a bare Exception for the startup timeout
             ray.shutdown()
             if attempt == STARTUP_ATTEMPTS or "timed out during startup" not in str(error):
                 raise
-            logger.warning("local Ray did not start (attempt %d of %d): %s; retrying", attempt, STARTUP_ATTEMPTS,
-                           error)
+            logger.warning("local Ray did not start (attempt %d of %d): %s; retrying",
+                           attempt, STARTUP_ATTEMPTS, error)

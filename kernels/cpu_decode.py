@@ -1,5 +1,5 @@
-"""The CPU kernels (kernels/csrc/): paged decode attention, and the fused RMSNorm / SwiGLU ops of
-cpu_elementwise.cpp (torch.ops.pdserve_cpu.*), built on first use.
+"""The CPU kernels (kernels/csrc/): paged decode attention, and the fused RMSNorm / SwiGLU / rotary ops
+of cpu_elementwise.cpp (torch.ops.pdserve_cpu.*), built on first use.
 
 `load()` compiles it with torch's C++ extension builder (cached under TORCH_EXTENSIONS_DIR, so only
 the first process on a machine pays the ~30 s) and returns the op, or None when no compiler is
@@ -17,7 +17,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_decode_attention.cpp", "cpu_elementwise.cpp")]
+_SOURCES = [Path(__file__).parent / "csrc" / name
+            for name in ("paged_decode_attention.cpp", "cpu_elementwise.cpp")]
 
 
 def _extension_name() -> str:

@@ -5,13 +5,15 @@ into buffer [L, 2 (k|v), nb, bs, H, D]; unpack scatters such a buffer into the r
 its own block ids. The int8 variant quantises symmetrically with one float32 scale per
 (layer, k|v, block, head) and halves the bytes of a 16-bit cache on the wire.
 
-Each layer's cache is its own tensor, so there is one launch per layer; the transfer path ships a
-layer at a time anyway (layer_range of length 1), overlapping the send with the next layer's compute.
+When the layers' caches are views of one allocation at a fixed stride (PagedKVCache's), one launch
+covers every layer in the range; otherwise there is one launch per layer. The transfer path ships a
+layer at a time (layer_range of length 1), overlapping the send with the next layer's compute.
 
 Plain copy: a token's moved heads are one contiguous run of H*D elements in the cache (heads are a
 contiguous slice) and in the buffer, so a program copies a [tokens, H*D] tile of one block with
-unit-stride, vectorised loads, K and V together. int8: one program per (block, head), two passes over the page's tokens (amax, then
-quantise), so large block sizes never need the whole page in registers.
+unit-stride, vectorised loads, K and V together. int8: one program per (block, head), two passes
+over the page's tokens (amax, then quantise), so large block sizes never need the whole page in
+registers.
 
 References: kernels.reference.pack_pages / unpack_pages / pack_pages_int8 / unpack_pages_int8.
 """

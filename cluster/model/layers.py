@@ -50,7 +50,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
         self.weight.weight_loader = default_weight_loader
-        self.use_cpu_kernel = False  # set by cpu_kernels.attach: one fused C++ op (kernels/csrc) instead of ~8
+        self.use_cpu_kernel = False  # set by cpu_kernels.attach: one fused C++ op instead of ~8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim] -> [..., dim]
         if self.use_cpu_kernel and x.is_contiguous():

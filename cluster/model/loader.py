@@ -136,9 +136,9 @@ def load_model(
         model = LlamaForCausalLM(cfg, tp or SINGLE_RANK)
     load_weights(model, iter_checkpoint(model_dir))
     model.eval()
-    cpu_gemm.pack_linear_layers(model)  # CPU: weights packed once for oneDNN (a no-op elsewhere)
     if torch.device(device).type == "cpu":
-        cpu_kernels.attach(model)  # fused RMSNorm / SwiGLU ops
+        cpu_gemm.pack_linear_layers(model)  # weights packed once for oneDNN
+        cpu_kernels.attach(model)  # fused RMSNorm / SwiGLU / rotary ops
     return model, cfg
 
 

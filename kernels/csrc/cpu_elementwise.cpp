@@ -1,11 +1,13 @@
 // Fused CPU versions of the decoder layer's small ops: RMSNorm (with the residual add before it), the
-// SwiGLU gate and the rotary embedding. In plain torch each is 3–9 ops, every one a pass over the activations plus a few
-// microseconds of dispatch; at decode batch sizes that dispatch is most of their cost.
+// SwiGLU gate and the rotary embedding. In plain torch they are 3 to ~15 ops each, every one a pass
+// over the activations plus a few microseconds of dispatch; at decode batch sizes that dispatch is most
+// of their cost.
 //
-// Rounding follows the torch code in cluster/model/layers.py step by step, so results match it:
-// RMSNorm reduces in float32, rounds the normalised row to the input dtype, then multiplies by the
-// weight and rounds again (as HF does); the residual add rounds to the input dtype; SiLU rounds
-// before the multiply by `up`.
+// Rounding follows the torch code in cluster/model/layers.py and rotary.py step by step: RMSNorm
+// reduces in float32, rounds the normalised row to the input dtype, then multiplies by the weight and
+// rounds again (as HF does); the residual add rounds to the input dtype; SiLU rounds before the
+// multiply by `up`; rotary rounds each product and sum. Only the order of the float32 sum of squares
+// differs, so a bf16 value on a rounding boundary can land one bf16 step away.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -14,7 +14,8 @@ import torch
 from cluster import LLM, SamplingParams
 from cluster.config import EngineConfig
 from cluster.engine.engine import LLMEngine
-from cluster.transfer import TransferSpec, create_receiver, create_sender
+from cluster.parallel.disagg import add_prefill, reserve_remote_kv
+from cluster.parallel.kv_endpoint import start_kv_endpoint
 
 PRESETS = ["tiny", "tiny-llama-gqa", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"]
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -26,12 +27,18 @@ TOLERANCE = {"float32": 1e-3, "bfloat16": 0.25}
 def hf_model(model_dir, dtype: str):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=getattr(torch, dtype), attn_implementation="eager"
-    ).to("cuda").eval()
+    return (
+        AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=getattr(torch, dtype), attn_implementation="eager"
+        )
+        .to("cuda")
+        .eval()
+    )
 
 
-def random_prompts(vocab: int, lengths: list[int], seed: int, prefix: list[int] | None = None) -> list[list[int]]:
+def random_prompts(
+    vocab: int, lengths: list[int], seed: int, prefix: list[int] | None = None
+) -> list[list[int]]:
     rng = random.Random(seed)
     return [(prefix or []) + [rng.randrange(8, vocab) for _ in range(n)] for n in lengths]
 
@@ -49,7 +56,9 @@ def assert_argmax(model, prompts, outputs, dtype: str) -> None:
     for prompt, out in zip(prompts, outputs, strict=True):
         assert len(out.token_ids) == GREEDY.max_tokens
         gap = max_argmax_gap(model, prompt, out.token_ids)
-        assert gap <= TOLERANCE[dtype], f"{len(prompt)}-token prompt: a chosen token is {gap:.2e} below the argmax"
+        assert gap <= TOLERANCE[dtype], (
+            f"{len(prompt)}-token prompt: a chosen token is {gap:.2e} below the argmax"
+        )
 
 
 def cuda_llm(model_dir, dtype: str, **options) -> LLM:
@@ -99,27 +108,19 @@ def run(engine: LLMEngine) -> dict[str, list[int]]:
 
 def test_prefill_to_decode_over_local_transport_on_cuda(tiny_model_dir):
     def engine() -> LLMEngine:
-        return LLMEngine(str(tiny_model_dir), EngineConfig(dtype="float32", device="cuda", num_kv_blocks=256,
-                                                           max_num_batched_tokens=96))
+        return LLMEngine(
+            str(tiny_model_dir),
+            EngineConfig(dtype="float32", device="cuda", num_kv_blocks=256, max_num_batched_tokens=96),
+        )
 
     prefill, decode, unified = engine(), engine(), engine()
+    endpoint = start_kv_endpoint("local")
     prompts = random_prompts(prefill.arch.vocab_size, [1, 15, 16, 17, 40, 130], seed=5)
-    for i, prompt in enumerate(prompts):
-        rid = f"r{i}"
-        reservation = decode.add_remote_kv_request(rid, prompt, GREEDY)
-        assert reservation is not None
-        spec = TransferSpec(
-            transfer_id=rid, num_layers=decode.arch.num_layers, block_size=decode.config.block_size,
-            num_kv_heads=decode.arch.num_kv_heads, head_dim=decode.arch.head_dim, dtype="float32",
-            num_blocks=len(reservation.block_ids), first_block_index=reservation.first_block_index,
-            kv_head_start=0, kv_head_end=decode.arch.num_kv_heads, lease_seconds=30.0,
-        )
-        decode.attach_kv_receiver(
-            rid, create_receiver("local", spec, decode.attn.k_caches, decode.attn.v_caches, reservation.block_ids)
-        )
-        prefill.add_request(rid, prompt, GREEDY, kv_sender=create_sender("local", spec),
-                            first_block_index=reservation.first_block_index)
-        unified.add_request(rid, prompt, GREEDY)
+    for i, prompt in enumerate(prompts):  # the project's own handoff: what a router's worker calls do
+        destination = reserve_remote_kv(decode, f"r{i}", prompt, GREEDY, endpoint=endpoint)
+        assert destination is not None
+        add_prefill(prefill, f"r{i}", prompt, GREEDY, destination)
+        unified.add_request(f"r{i}", prompt, GREEDY)
     run(prefill)
     assert run(decode) == run(unified)
     assert decode.num_kv_transfer_fallbacks == 0

@@ -27,7 +27,9 @@ def fused_and_plain(module):
 BF16_STEP = dict(atol=1e-3, rtol=2**-7)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, dict(atol=1e-5, rtol=1e-5)), (torch.bfloat16, BF16_STEP)])
+@pytest.mark.parametrize(
+    "dtype,tol", [(torch.float32, dict(atol=1e-5, rtol=1e-5)), (torch.bfloat16, BF16_STEP)]
+)
 @pytest.mark.parametrize("shape", [(1, 64), (37, 512), (3, 5, 96)])
 def test_rms_norm_and_add_rms_norm_match_the_torch_code(dtype, tol, shape):
     norm = RMSNorm(shape[-1], eps=1e-5).to(dtype)
@@ -54,14 +56,28 @@ def test_non_contiguous_input_takes_the_torch_path():
     torch.testing.assert_close(norm(x), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps))
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, dict(atol=1e-5, rtol=1e-5)), (torch.bfloat16, BF16_STEP)])
+@pytest.mark.parametrize(
+    "dtype,tol", [(torch.float32, dict(atol=1e-5, rtol=1e-5)), (torch.bfloat16, BF16_STEP)]
+)
 def test_rotary_matches_the_torch_code_on_strided_q_and_k(dtype, tol):
     from cluster.model.rotary import RotaryEmbedding
 
-    rope = RotaryEmbedding(64, 4096, 500000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 1024})
+    rope = RotaryEmbedding(
+        64,
+        4096,
+        500000.0,
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 1024,
+        },
+    )
     tokens, num_heads, num_kv_heads = 23, 8, 2
-    qkv = torch.randn(tokens, (num_heads + 2 * num_kv_heads) * 64).to(dtype)  # q and k: views into it, as in the model
+    qkv = torch.randn(tokens, (num_heads + 2 * num_kv_heads) * 64).to(
+        dtype
+    )  # q and k: views into it, as in the model
     q = qkv[:, : num_heads * 64].view(tokens, num_heads, 64)
     k = qkv[:, num_heads * 64 : (num_heads + num_kv_heads) * 64].view(tokens, num_kv_heads, 64)
     positions = torch.randint(0, 4096, (tokens,))

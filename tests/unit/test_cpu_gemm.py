@@ -25,13 +25,17 @@ def test_packed_linear_equals_f_linear(rows, with_bias):
 
 def test_loading_on_cpu_packs_every_projection_and_the_lm_head(tiny_model_dir):
     model, _ = load_model(tiny_model_dir, torch.float32)
-    layers = [m for m in model.modules() if isinstance(m, ColumnParallelLinear | RowParallelLinear | ParallelLMHead)]
+    layers = [
+        m for m in model.modules() if isinstance(m, ColumnParallelLinear | RowParallelLinear | ParallelLMHead)
+    ]
     assert layers and all(m.packed_weight is not None for m in layers)
     embeddings = [m for m in model.modules() if type(m) is VocabParallelEmbedding]
     assert embeddings and not any(hasattr(m, "packed_weight") for m in embeddings)
     for m in layers:  # 20 rows: the packed copy is used, and computes what the plain weight does
         x = torch.randn(20, m.weight.shape[1])
-        want = F.linear(x, m.weight, m.bias if isinstance(m, ColumnParallelLinear | RowParallelLinear) else None)
+        want = F.linear(
+            x, m.weight, m.bias if isinstance(m, ColumnParallelLinear | RowParallelLinear) else None
+        )
         if isinstance(m, ParallelLMHead):
             want = want[:, : m.vocab_size]
         torch.testing.assert_close(m(x), want, atol=1e-4, rtol=1e-4)

@@ -18,7 +18,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).parent / "csrc" / name
-            for name in ("paged_decode_attention.cpp", "cpu_elementwise.cpp")]
+            for name in ("paged_decode_attention.cpp", "cpu_elementwise.cpp", "kv_block_copy.cpp")]
 
 
 def _extension_name() -> str:
@@ -45,6 +45,11 @@ def load():
     except Exception as exc:  # no compiler, no ninja, no headers: the torch path still works
         logger.warning("CPU paged-attention kernel unavailable (%s); using gather + SDPA", exc)
         return None
+
+
+def loaded() -> bool:
+    """Whether load() already succeeded in this process (without building or loading anything now)."""
+    return load.cache_info().currsize > 0 and load() is not None
 
 
 def paged_decode_reference(

@@ -63,15 +63,15 @@ def dest(spec: TransferSpec, seed: int = 0) -> tuple[list[torch.Tensor], list[to
 
 
 def wait_done(receiver, timeout_s: float = 60.0) -> float:
-    """When the receiver reached DONE, polled every 0.2 ms (not 2: that alone was ~10% of a 20 ms row)."""
-    deadline = time.monotonic() + timeout_s
-    while (state := receiver.poll()) in (KVPoll.WAITING, KVPoll.TRANSFERRING):
-        if time.monotonic() > deadline:
-            raise TimeoutError("transfer did not finish")
-        time.sleep(0.0002)
+    """When the receiver reached DONE. `receiver.wait` blocks on the receiver's own completion event:
+    polling every 0.2 ms instead cost ~10% of a 2-core machine, taken from the transfer it measures."""
+    state = receiver.wait(timeout_s)
+    done = time.monotonic()
+    if state in (KVPoll.WAITING, KVPoll.TRANSFERRING):
+        raise TimeoutError("transfer did not finish")
     if state != KVPoll.DONE:
         raise RuntimeError(f"transfer failed: {receiver.error}")
-    return time.monotonic()
+    return done
 
 
 def bench_memcpy(spec: TransferSpec, reps: int) -> list[float]:

@@ -19,6 +19,7 @@ the minimum (`combine`): the request is DONE only when every rank's slice is.
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum
@@ -169,6 +170,14 @@ class KVReceiver(abc.ABC):
     def poll(self) -> KVPoll:
         """DONE only when every layer arrived and every checksum matched; FAILED on a mismatch, the
         sender gone, or the lease expired. Once FAILED it never writes into the caches again."""
+
+    def wait(self, timeout_s: float) -> KVPoll:
+        """Block until DONE or FAILED, or until timeout_s passed; the state then. The engine polls
+        from its step loop instead; this is for callers with nothing else to do (benchmarks, tools)."""
+        deadline = time.monotonic() + timeout_s
+        while (state := self.poll()) in (KVPoll.WAITING, KVPoll.TRANSFERRING) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return state
 
     @property
     @abc.abstractmethod

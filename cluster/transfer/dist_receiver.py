@@ -28,6 +28,7 @@ from collections import deque
 import torch
 from torch.distributed import ProcessGroupGloo, TCPStore
 
+from cluster.transfer import host_copy
 from cluster.transfer.base import TransferError, TransferSpec
 from cluster.transfer.buffers import POOL
 from cluster.transfer.dist_keys import (
@@ -65,6 +66,7 @@ class DistKVEndpoint:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         self.host = host
         self.connect_timeout_s = connect_timeout_s
+        host_copy.available()  # the fused scatter (host_copy.py), loaded before any receiver's lease starts
         self.store: TCPStore | None = TCPStore(host, port, is_master=True, wait_for_workers=False,
                                                timeout=datetime.timedelta(seconds=connect_timeout_s))
         self.port = self.store.port  # the real one when port=0

@@ -30,9 +30,10 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.distributed import ProcessGroupGloo, TCPStore
 
+from cluster.transfer import host_copy
 from cluster.transfer.base import TransferError, TransferSpec
 from cluster.transfer.buffers import POOL
-from cluster.transfer.codec import checksum
+from cluster.transfer.codec import ROW_BYTES, checksum
 from cluster.transfer.dist_keys import (
     ABORTED,
     CONNECT_TIMEOUT_S,
@@ -131,6 +132,7 @@ class FramedLayer(LayerMsg):
 
 class DistKVSender(QueuedSender):
     def __init__(self, spec: TransferSpec, address: str, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+        host_copy.available()  # load the fused copy kernels before the lease starts
         super().__init__(spec)
         self.address = address
         self.connect_timeout_s = connect_timeout_s
@@ -154,11 +156,30 @@ class DistKVSender(QueuedSender):
                      head_start: int) -> LayerMsg:
         msg = FramedLayer(layer_idx, POOL.acquire(self.plan.layer_buffer_nbytes, k_cache.device))
         heads = slice(head_start, head_start + self.spec.num_kv_heads)
-        sources = [cache if heads == slice(0, cache.shape[2]) else cache[:, :, heads] for cache in (k_cache, v_cache)]
+        whole = heads == slice(0, k_cache.shape[2])
+        rows = (host_copy.block_rows(k_cache), host_copy.block_rows(v_cache)) if whole else (None, None)
+        if rows[0] is not None and rows[1] is not None:
+            return self._pack_blocks_checksummed(msg, rows, block_ids)
+        sources = [cache if whole else cache[:, :, heads] for cache in (k_cache, v_cache)]
         for chunk in self.plan.chunks:
             for out, (half, first, count) in self._pieces(msg.buffer, chunk):
                 torch.index_select(sources[half], 0, block_ids[first:first + count], out=out)
             self._seal_if_host(msg, chunk)
+        return msg
+
+    def _pack_blocks_checksummed(self, msg: FramedLayer, rows: tuple[torch.Tensor, torch.Tensor],
+                                 block_ids: torch.Tensor) -> FramedLayer:
+        """Host caches: each chunk's blocks are gathered and checksummed in one pass (host_copy.py)."""
+        for chunk in self.plan.chunks:
+            weighted, pos = 0, chunk.start + HEADER_BYTES
+            for half, first, count in chunk.pieces:
+                nbytes = count * self.plan.block_bytes
+                first_row = (pos - chunk.start - HEADER_BYTES) // ROW_BYTES
+                weighted += host_copy.gather_checksummed(rows[half], block_ids[first:first + count],
+                                                         msg.buffer[pos:pos + nbytes], first_row)
+                pos += nbytes
+            self._seal_chunk(msg, msg.buffer, chunk, host_copy.message_checksum(weighted, chunk.nbytes))
+        msg.is_sealed = True
         return msg
 
     def _pieces(self, buffer: torch.Tensor, chunk: Chunk) -> Iterator[tuple[torch.Tensor, tuple[int, int, int]]]:
@@ -182,15 +203,18 @@ class DistKVSender(QueuedSender):
             self._seal_chunk(msg, host, chunk)
         msg.is_sealed = True
 
-    def _seal_chunk(self, msg: FramedLayer, host: torch.Tensor, chunk: Chunk) -> None:
+    def _seal_chunk(self, msg: FramedLayer, host: torch.Tensor, chunk: Chunk, value: int | None = None) -> None:
         payload = host[chunk.start + HEADER_BYTES:chunk.start + HEADER_BYTES + chunk.nbytes]
-        value = self._record(msg.layer_idx, chunk.offset, payload)
+        value = self._record(msg.layer_idx, chunk.offset, payload, value)
         Header(KIND_DATA, msg.layer_idx, chunk.nbytes, value, self.fingerprint,
                offset=chunk.offset).write_into(host[chunk.start:])
 
-    def _record(self, layer_idx: int, offset: int, data: torch.Tensor | bytes | memoryview) -> int:
-        """Checksum + digest only: bytes_sent counts what gloo has taken (it runs before the send here)."""
-        value = checksum(data)
+    def _record(self, layer_idx: int, offset: int, data: torch.Tensor | bytes | memoryview,
+                value: int | None = None) -> int:
+        """Checksum (unless the gather computed it: `value`) + digest only: bytes_sent counts what gloo
+        has taken (it runs before the send here)."""
+        if value is None:
+            value = checksum(data)
         self.digest.add(layer_idx, offset, len(data), value)
         return value
 

@@ -61,8 +61,8 @@ def _corrupting(sender: QueuedSender) -> None:
     """Flip the first byte of layer 1's first message after its checksum was taken (a bit error in flight)."""
     record = sender._record
 
-    def corrupt_record(layer_idx: int, offset: int, data):
-        value = record(layer_idx, offset, data)
+    def corrupt_record(layer_idx: int, offset: int, data, *args):
+        value = record(layer_idx, offset, data, *args)
         if layer_idx == 1 and offset == 0:
             data[0] = int(data[0]) ^ 0xFF
         return value
@@ -117,6 +117,9 @@ def sender_main(kind: str, endpoint_json: str, conn: Connection) -> None:
     an empty message ends the process."""
     torch.set_num_threads(1)
     endpoint = json.loads(endpoint_json)
+    if kind == "dist":  # as a worker has them from loading its model: not on the first transfer's clock
+        from cluster.transfer import host_copy
+        host_copy.available()
     try:
         while True:
             request = conn.recv_bytes()

@@ -21,9 +21,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from cluster.transfer import host_copy
 from cluster.transfer.base import KVPoll, TransferSpec
 from cluster.transfer.buffers import POOL
 from cluster.transfer.codec import (
+    ROW_BYTES,
     TransferDigest,
     checksum,
     scatter_range,
@@ -75,6 +77,8 @@ class ReceiverCore:
         self._block_bytes = spec.layer_nbytes // 2 // spec.num_blocks
         self._digest = TransferDigest()
         self._first_token_id: int | None = None
+        self._finished = threading.Event()  # set on DONE or FAILED: `wait` blocks on it instead of polling
+        self._rows: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None  # see _layer_rows
         self.bytes_received = 0
 
     # -- called by the transport ------------------------------------------------------------------
@@ -82,7 +86,9 @@ class ReceiverCore:
     def on_data(self, layer_idx: int, offset: int, data: bytes | memoryview | torch.Tensor, data_checksum: int,
                 fingerprint: int) -> bool:
         """Accept one data message; False when the transfer is (now) over and the sender should stop."""
-        intact = checksum(data) == data_checksum  # outside the lock: the expensive part, and pure
+        fused = self._can_scatter_checksummed(layer_idx, offset, data)
+        # Outside the lock: the expensive part, and pure. The fused path checks while it writes, under the lock.
+        intact = fused or checksum(data) == data_checksum
         with self._lock:
             if not self._live_locked():
                 return False
@@ -90,7 +96,15 @@ class ReceiverCore:
             if reason:
                 self._fail_locked(reason)
                 return False
-            self._write_locked(layer_idx, offset, data)
+            if fused:
+                if self._scatter_checksummed(layer_idx, offset, data) != data_checksum:
+                    # the pages landed in this transfer's own blocks, which nothing reads unless it is DONE
+                    self._fail_locked(f"checksum mismatch in layer {layer_idx} at offset {offset}")
+                    return False
+                self._received[layer_idx] += len(data)
+                self.bytes_received += len(data)
+            else:
+                self._write_locked(layer_idx, offset, data)
             self._digest.add(layer_idx, offset, len(data), data_checksum)
             self._state = KVPoll.TRANSFERRING
             return True
@@ -109,6 +123,7 @@ class ReceiverCore:
             else:
                 self._first_token_id = first_token_id
                 self._state = KVPoll.DONE
+                self._finished.set()
             return self._state == KVPoll.DONE
 
     def on_abort(self, reason: str) -> None:
@@ -125,6 +140,18 @@ class ReceiverCore:
         with self._lock:
             self._live_locked()  # applies the lease
             return self._state
+
+    def wait(self, timeout_s: float) -> KVPoll:
+        """Block until DONE or FAILED (the lease included) or timeout_s passed; the state then."""
+        deadline = time.monotonic() + timeout_s
+        while (state := self.poll()) in (KVPoll.WAITING, KVPoll.TRANSFERRING):
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            # The lease expires without any message arriving, so wake for it too (poll applies it).
+            lease_left = self.deadline - self._clock()
+            self._finished.wait(max(min(deadline - now, lease_left), 1e-4))
+        return state
 
     @property
     def first_token_id(self) -> int:
@@ -148,6 +175,7 @@ class ReceiverCore:
         if self._state != KVPoll.FAILED:
             self._state = KVPoll.FAILED
             self.error = reason
+            self._finished.set()
             for _, staging in self._staging.values():
                 POOL.release(staging)
             self._staging.clear()
@@ -188,3 +216,39 @@ class ReceiverCore:
 
     def _scatter(self, layer: int, offset: int, data: torch.Tensor) -> None:
         scatter_range(self._k_caches[layer], self._v_caches[layer], self._dest, data, offset, self.spec)
+
+    def _can_scatter_checksummed(self, layer: int, offset: int, data: bytes | memoryview | torch.Tensor) -> bool:
+        """Whether this message's whole host blocks can be scattered and checksummed in one pass."""
+        if not (isinstance(data, torch.Tensor) and data.device.type == "cpu" and data.dtype == torch.uint8
+                and data.dim() == 1 and data.is_contiguous() and data.data_ptr() % 8 == 0):
+            return False
+        if not 0 <= layer < self.spec.num_layers or layer in self._staging:
+            return False
+        nbytes = data.numel()
+        if offset % self._block_bytes or nbytes % self._block_bytes or offset + nbytes > self.spec.layer_nbytes:
+            return False
+        return self._layer_rows(layer) is not None
+
+    def _layer_rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The layer's K and V caches as [N, block_bytes] bytes (host_copy.block_rows), or None."""
+        if self._rows is None:
+            whole = self.spec.kv_head_start == 0 and self.spec.num_kv_heads == self._k_caches[0].shape[2]
+            pairs = [(host_copy.block_rows(k), host_copy.block_rows(v)) if whole else (None, None)
+                     for k, v in zip(self._k_caches, self._v_caches, strict=True)]
+            self._rows = [None if k is None or v is None else (k, v) for k, v in pairs]
+        return self._rows[layer]
+
+    def _scatter_checksummed(self, layer: int, offset: int, data: torch.Tensor) -> int:
+        """Write whole blocks of a packed layer (as scatter_range does) and return the data's checksum."""
+        rows = self._layer_rows(layer)
+        half = self.spec.layer_nbytes // 2
+        weighted, pos, end = 0, offset, offset + data.numel()
+        while pos < end:
+            in_half = pos % half
+            take = min(end - pos, half - in_half)
+            first, count = in_half // self._block_bytes, take // self._block_bytes
+            weighted += host_copy.scatter_checksummed(data[pos - offset:pos - offset + take],
+                                                      self._dest[first:first + count], rows[pos >= half],
+                                                      (pos - offset) // ROW_BYTES)
+            pos += take
+        return host_copy.message_checksum(weighted, data.numel())

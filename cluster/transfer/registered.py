@@ -51,6 +51,10 @@ class CoreReceiver(KVReceiver):
     def poll(self) -> KVPoll:
         return self.core.poll()
 
+    def wait(self, timeout_s: float) -> KVPoll:
+        self.core.wait(timeout_s)
+        return self.poll()  # through poll: a registered receiver leaves its registry once finished
+
     @property
     def first_token_id(self) -> int:
         return self.core.first_token_id

@@ -262,6 +262,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     from cluster.config import EngineConfig
     from cluster.parallel.launch import launch_tp_engine
+    from cluster.worker.engine_loop import EngineLoop
     from cluster.worker.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -273,13 +274,21 @@ def _worker(args: argparse.Namespace) -> int:
     )
     # With --tp N this process is rank 0; ranks > 0 of a worker that receives KV get their own KV endpoint.
     receives_kv = args.tp > 1 and args.role != "prefill"
-    engine, replica = launch_tp_engine(args.model, config, kv_transport=args.kv_transport if receives_kv else None,
-                                       kv_host=args.host)
+    launched = []
+
+    def make_engine():  # on the engine's own thread: see cluster/worker/engine_loop.py
+        engine, replica = launch_tp_engine(args.model, config, kv_host=args.host,
+                                           kv_transport=args.kv_transport if receives_kv else None)
+        launched.append(replica)
+        return engine
+
+    loop = EngineLoop.build(make_engine, name=f"{args.role}-engine")
+    replica = launched[0]
 
     async def main() -> None:
         ports: list[int] = []
         ready = asyncio.Event()
-        task = asyncio.create_task(serve(engine, args.role, args.model.name, args.host, args.port,
+        task = asyncio.create_task(serve(loop, args.role, args.model.name, args.host, args.port,
                                          args.kv_transport, ready, ports, tuple(replica.kv_addresses), args.prefill_tp,
                                          model_name=args.served_model_name, **_registry_kwargs(args)))
         # SIGTERM leaves the registry, stops the server and the engine thread, then the TP ranks (finally, below)

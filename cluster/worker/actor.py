@@ -34,6 +34,7 @@ class WorkerActor:
                  redis_url: str | None = None, served_model_name: str | None = None,
                  registry_ttl_s: float = DEFAULT_TTL_S) -> None:
         from cluster.parallel.launch import launch_tp_engine
+        from cluster.worker.engine_loop import EngineLoop
         from cluster.worker.server import serve
 
         config = EngineConfig(**engine_config)
@@ -41,18 +42,25 @@ class WorkerActor:
             torch.set_num_threads(config.num_threads)
         self.role = role
         self.replica = None
+
+        def make_engine():  # on the engine's own thread: see cluster/worker/engine_loop.py
+            if config.tensor_parallel_size == 1:
+                from cluster.engine.engine import LLMEngine
+
+                return LLMEngine(model_dir, config)
+            receives_kv = role != "prefill"
+            engine, self.replica = launch_tp_engine(
+                model_dir, config, kv_transport=kv_transport if receives_kv else None, kv_host=host,
+                start_follower=ray_follower_starter(placement_group, rank_cpus,
+                                                   1 if config.device.startswith("cuda") else 0))
+            return engine
+
+        placement_group = None
         if config.tensor_parallel_size > 1:
             from ray.util import get_current_placement_group
 
-            receives_kv = role != "prefill"
-            self.engine, self.replica = launch_tp_engine(
-                model_dir, config, kv_transport=kv_transport if receives_kv else None, kv_host=host,
-                start_follower=ray_follower_starter(get_current_placement_group(), rank_cpus,
-                                                   1 if config.device.startswith("cuda") else 0))
-        else:
-            from cluster.engine.engine import LLMEngine
-
-            self.engine = LLMEngine(model_dir, config)
+            placement_group = get_current_placement_group()  # here: Ray knows it on the actor's own thread
+        engine_loop = EngineLoop.build(make_engine, name=f"{role}-engine")
         peers = tuple(self.replica.kv_addresses) if self.replica is not None else ()
         self._worker_id = new_worker_id(served_model_name or Path(model_dir).name, role)
         self._loop = asyncio.new_event_loop()
@@ -61,7 +69,7 @@ class WorkerActor:
 
         async def run() -> None:
             started = asyncio.Event()
-            self._task = asyncio.create_task(serve(self.engine, role, model_dir, host, 0, kv_transport, started,
+            self._task = asyncio.create_task(serve(engine_loop, role, model_dir, host, 0, kv_transport, started,
                                                    ports, peers, prefill_tp, redis_url=redis_url,
                                                    model_name=served_model_name, registry_ttl_s=registry_ttl_s,
                                                    worker_id=self._worker_id))

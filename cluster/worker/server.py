@@ -195,12 +195,13 @@ class WorkerService(pb_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
 
-async def serve(engine: LLMEngine, role: str, model: str, host: str = "127.0.0.1", port: int = 0,
+async def serve(loop: EngineLoop, role: str, model: str, host: str = "127.0.0.1", port: int = 0,
                 kv_transport: str = "grpc", ready: asyncio.Event | None = None, port_out: list | None = None,
                 kv_peer_addresses: tuple[str, ...] = (), prefill_tp: int = 1, *, redis_url: str | None = None,
                 model_name: str | None = None, registry_ttl_s: float = DEFAULT_TTL_S,
                 worker_id: str | None = None) -> None:
-    """Serve until cancelled. Binds host:port (0 = any free port, reported through `port_out`).
+    """Serve `loop`'s engine until cancelled, then stop the loop. Binds host:port (0 = any free port,
+    reported through `port_out`).
 
     `model` is the model directory (or already a name); the worker serves it as `model_name`, by default
     the directory's name. A TP engine (launch_tp_engine) passes its other ranks' KV addresses as
@@ -220,7 +221,7 @@ async def serve(engine: LLMEngine, role: str, model: str, host: str = "127.0.0.1
     else:  # dist: this rank's TCPStore rendezvous; local: the in-process channel
         endpoint = start_kv_endpoint(kv_transport, host)
         endpoint.peer_addresses = tuple(kv_peer_addresses)
-    loop = EngineLoop(engine, name=f"{role}-engine").start()
+    engine = loop.engine
     registration = None
 
     async def leave() -> None:

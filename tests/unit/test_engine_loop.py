@@ -62,3 +62,49 @@ def test_errors_in_calls_come_back_to_the_caller(tiny_model_dir):
         assert loop.call(lambda e: e.has_unfinished_requests()).result(timeout=10) is False
     finally:
         loop.stop()
+
+
+def test_build_makes_the_engine_on_the_loop_thread_and_serves_it(tiny_model_dir):
+    import torch
+
+    built_on: list[str] = []
+    threads_before = torch.get_num_threads()
+
+    def make_engine() -> LLMEngine:
+        built_on.append(threading.current_thread().name)
+        return LLMEngine(str(tiny_model_dir), EngineConfig(num_kv_blocks=64, num_threads=1))
+
+    loop = EngineLoop.build(make_engine, name="built-engine")
+    try:
+        assert built_on == ["built-engine"]
+        # the engine's own thread setting survives the loop starting (the builder's is not forced back)
+        assert loop.call(lambda e: torch.get_num_threads()).result(timeout=10) == 1
+        done = threading.Event()
+        tokens: list[int] = []
+
+        def on_output(out):
+            tokens.extend(out.new_token_ids)
+            if out.finished:
+                done.set()
+
+        def add(e: LLMEngine) -> None:
+            e.add_request("b", [5, 9, 13], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+            loop.subscribe("b", on_output)
+
+        loop.call(add).result(timeout=10)
+        assert done.wait(30) and len(tokens) == 4
+    finally:
+        loop.stop()
+        torch.set_num_threads(threads_before)  # the engine's setting also reached torch's process-wide default
+    loop.engine.kv_manager.check_no_leaks()
+
+
+def test_build_raises_what_the_factory_raised():
+    def broken() -> LLMEngine:
+        raise FileNotFoundError("no such model")
+
+    try:
+        EngineLoop.build(broken)
+        raise AssertionError("expected FileNotFoundError")
+    except FileNotFoundError as exc:
+        assert "no such model" in str(exc)

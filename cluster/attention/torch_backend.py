@@ -35,6 +35,7 @@ class TorchAttentionBackend(PagedKVCache):
         super().__init__(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device, scale)
         # Optional fused op with the signature of kernels.cpu_decode.paged_decode_reference.
         self.decode_kernel = decode_kernel
+        self._masks: dict[tuple, torch.Tensor] = {}  # see _past_cache_mask
 
     def write_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Scatter the step's new K/V ([T, Hkv, D]) into their cache slots."""
@@ -99,25 +100,55 @@ class TorchAttentionBackend(PagedKVCache):
     ) -> torch.Tensor:
         num_new = q.shape[0]
         context_len = meta.seq_lens_cpu[seq_idx]
-        num_cached = context_len - num_new
-        if num_cached == 0:
-            keys, values = k, v
-        else:
+        if context_len > num_new:  # earlier tokens are cached (a prefix hit, or an earlier chunk)
             num_blocks = (context_len + self.block_size - 1) // self.block_size
             blocks = meta.block_tables[seq_idx, :num_blocks]
             keys = self.k_caches[layer_idx][blocks].flatten(0, 1)[:context_len]  # [ctx, Hkv, D]
             values = self.v_caches[layer_idx][blocks].flatten(0, 1)[:context_len]
-        # [1, H, n|ctx, D]: with a batch dim SDPA takes its fused CPU kernel (3-D inputs take the slow path)
-        qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, keys, values))
-        if num_cached == 0:
-            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=True)
-        else:
-            # query j sits at position num_cached + j and sees keys 0..num_cached + j
-            rows = torch.arange(num_new, device=q.device)[:, None] + num_cached
-            mask = torch.arange(context_len, device=q.device)[None, :] <= rows
-            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale, enable_gqa=True)
-        out = out.squeeze(0)
-        return out.transpose(0, 1)
+            return self._attend_past_cache(q, keys, values)
+        # [1, H, n, D]: with a batch dim SDPA takes its fused CPU kernel (3-D inputs take the slow path)
+        qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=True)
+        return out.squeeze(0).transpose(0, 1)
+
+    def _attend_past_cache(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """n new queries (the last n positions) over ctx keys, the cached ones included: q [n, Hq, D],
+        keys/values [ctx, Hkv, D] -> [n, Hq, D].
+
+        Each KV head's group of query heads goes in as one [group * n, D] block, so the kernel streams
+        that head's keys once for the group rather than once per query head; the causal part is an
+        additive mask made once per shape and reused by every layer (a boolean one is converted to
+        that on every call). Measured here on 2 cores, fp32: 208 queries over 2,000 keys 5.4 -> 4.6 ms a
+        layer; 512 over 4,096 26 -> 22 ms."""
+        num_new, num_q_heads, head_dim = q.shape
+        group = num_q_heads // self.num_kv_heads
+        qh = (q.view(num_new, self.num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+              .reshape(1, self.num_kv_heads, group * num_new, head_dim))  # [1, Hkv, group * n, D]
+        kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (keys, values))  # [1, Hkv, ctx, D]
+        mask = self._past_cache_mask(num_new, keys.shape[0], group, q.dtype, q.device)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale)
+        return (out.view(self.num_kv_heads, group, num_new, head_dim).permute(2, 0, 1, 3)
+                .reshape(num_new, num_q_heads, head_dim))
+
+    def _past_cache_mask(self, num_new: int, context_len: int, group: int, dtype: torch.dtype,
+                         device: torch.device) -> torch.Tensor:
+        """[group * n, ctx] additive mask: query j (at position ctx - n + j) sees keys 0..ctx - n + j."""
+        key = (num_new, context_len, group, dtype, device)
+        mask = self._masks.get(key)
+        if mask is None:
+            rows = torch.arange(num_new, device=device)[:, None] + (context_len - num_new)
+            hidden = torch.arange(context_len, device=device)[None, :] > rows
+            mask = torch.zeros(num_new, context_len, dtype=dtype, device=device).masked_fill_(hidden, float("-inf"))
+            mask = mask.repeat(group, 1)
+            if mask.numel() * mask.element_size() <= _MAX_CACHED_MASK_BYTES:
+                if len(self._masks) >= _NUM_CACHED_MASKS:  # a step's prefill chunks, all layers: a few shapes
+                    self._masks.pop(next(iter(self._masks)))
+                self._masks[key] = mask
+        return mask
+
+
+_NUM_CACHED_MASKS = 4
+_MAX_CACHED_MASK_BYTES = 32 << 20
 
 
 def metadata_for_prefill(
